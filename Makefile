@@ -1,0 +1,32 @@
+# `make demo` and `make test` are the two entry points; both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check pip==26.3 setuptools==84.2.1 wheel==0.48.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@touch $(STAMP)
+
+demo: install
+	$(PY) jobs/quickstart.py
+
+test: install
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

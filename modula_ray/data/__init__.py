@@ -1,0 +1,1 @@
+"""Domain data: sources -> Parquet, schema validation, chat formatting and tokenisation."""

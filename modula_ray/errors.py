@@ -1,0 +1,43 @@
+"""Typed errors. Each one names the file, row, field or value at fault."""
+
+
+class ModulaError(Exception):
+    """Base class of every error modula-ray raises on purpose."""
+
+
+class ConfigError(ModulaError, ValueError):
+    """A configuration field has a bad value: ``field`` names it."""
+
+    def __init__(self, field: str, message: str, *, source: str | None = None):
+        self.field, self.source, self.message = field, source, message
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {message}")
+
+
+class ArtifactError(ModulaError, ValueError):
+    """A saved artifact (expert, router, manifest) is missing, corrupt or mismatched."""
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class DataValidationError(ModulaError, ValueError):
+    """A dataset row breaks the schema: names the file, the 1-based row and the field."""
+
+    def __init__(self, path, row: int | None, field: str | None, message: str):
+        self.path, self.row, self.field = str(path), row, field
+        where = [self.path]
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+class MissingPackageError(ModulaError, ImportError):
+    """An optional package is absent; the message carries the exact install command."""
+
+    def __init__(self, package: str, install: str):
+        self.package, self.install = package, install
+        super().__init__(f"package {package!r} is not installed; install it with:\n    {install}")

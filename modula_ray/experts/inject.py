@@ -1,0 +1,127 @@
+"""Inject experts into a Hugging Face causal LM and drive its stage.
+
+``inject`` replaces every target ``nn.Linear`` (Llama and Qwen2 layouts: q/k/v/o and
+gate/up/down projections) by the method's ``ExpertLinear`` and freezes the rest of the
+model. The model carries an ``ExpertSpec`` in ``model.modula_spec``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .layer import STAGES, ExpertLinear
+from .registry import method_class, wrap_linear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertSpec:
+    """What was injected: enough to rebuild the same expert layers on the same base."""
+
+    method: str
+    domains: list[str]
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layer_kwargs: dict = field(default_factory=dict)
+
+    def routed_names(self) -> list[str]:
+        """Router output order: flan puts the universal expert first."""
+        return (["universal"] if self.method == "modula_flan" else []) + list(self.domains)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_domains(domains) -> list[str]:
+    domains = list(domains)
+    if not domains:
+        raise ValueError("domains: n_domains must be >= 1, got an empty list")
+    for name in domains:
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"domains: bad domain name {name!r} (letters, digits, '-' and '_' only)")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"domains: duplicate names in {domains}")
+    return domains
+
+
+def inject(model: nn.Module, method: str, domains, *, target_modules=DEFAULT_TARGETS, **layer_kwargs) -> nn.Module:
+    """Wrap every target linear of ``model`` in place; returns the model, base frozen, stage ``joint``."""
+    method_class(method)
+    domains = _check_domains(domains)
+    if getattr(model, "modula_spec", None) is not None:
+        raise ValueError("model: experts are already injected into this model")
+    target_modules = list(target_modules)
+    if not target_modules:
+        raise ValueError("target_modules: empty")
+    found = {name: [] for name in target_modules}
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in found and isinstance(module, nn.Linear):
+            found[leaf].append(path)
+    missing = [name for name, paths in found.items() if not paths]
+    if missing:
+        raise ValueError(f"target_modules: no nn.Linear named {missing} in {type(model).__name__}")
+
+    model.requires_grad_(False)
+    for leaf, paths in found.items():
+        for path in paths:
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, attr, wrap_linear(getattr(parent, attr), method, len(domains), **layer_kwargs))
+    model.modula_spec = ExpertSpec(method, domains, target_modules, dict(layer_kwargs))
+    return model
+
+
+def expert_layers(model: nn.Module) -> dict[str, ExpertLinear]:
+    """``{module path: layer}`` for every expert layer, in model order."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, ExpertLinear)}
+
+
+def spec_of(model: nn.Module) -> ExpertSpec:
+    spec = getattr(model, "modula_spec", None)
+    if spec is None:
+        raise ValueError("model: no experts injected (call inject first)")
+    return spec
+
+
+def set_stage(model: nn.Module, stage: str) -> nn.Module:
+    """Set every expert layer's stage: which parts run in the forward and which train."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    spec = spec_of(model)
+    if stage == "experts" and len(spec.domains) != 1:
+        raise ValueError(f"set_stage('experts') needs a model with exactly one domain expert; "
+                         f"this one holds {len(spec.domains)}: {spec.domains}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in expert_layers(model).values():
+        layer.set_stage(stage)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def routers(model: nn.Module) -> dict[str, nn.Module]:
+    return {path: layer.router for path, layer in expert_layers(model).items()
+            if layer.router is not None and layer.mixing}
+
+
+def load_balancing_loss(model: nn.Module) -> torch.Tensor:
+    """Mean Switch load-balancing loss over the routers used in the last forward (0 if none)."""
+    losses = [r.aux_loss for r in routers(model).values() if r.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def routing_weights(model: nn.Module) -> dict[str, float]:
+    """Mean gate per routed expert over all routers and tokens of the last forward."""
+    gates = [r.mean_gates for r in routers(model).values() if r.mean_gates is not None]
+    if not gates:
+        return {}
+    mean = torch.stack(gates).mean(dim=0)
+    return dict(zip(spec_of(model).routed_names(), mean.tolist()))

@@ -1,0 +1,67 @@
+"""Stack single-expert layers (or models) into one n-expert layer (or model): stage 3's input.
+
+Domain experts are concatenated along the expert axis. The universal expert and the
+frozen base must be identical across inputs (stage 2 never changes them); the router is
+new and zero-initialised, because a router only makes sense for the stacked set.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .inject import ExpertSpec, expert_layers, spec_of
+from .layer import ExpertLinear
+
+
+def _stack_layers(layers: list[ExpertLinear], where: str = "layer") -> ExpertLinear:
+    first = layers[0]
+    if first.domain is None:
+        raise ValueError(f"{where}: method {first.method!r} has no domain experts to stack")
+    for other in layers[1:]:
+        if type(other) is not type(first):
+            raise ValueError(f"{where}: cannot stack {other.method!r} with {first.method!r}")
+        if other.base.weight.shape != first.base.weight.shape or not torch.equal(other.base.weight, first.base.weight):
+            raise ValueError(f"{where}: the frozen base weights differ between the layers to stack")
+        if first.universal is not None and not (torch.equal(other.universal.A, first.universal.A)
+                                                and torch.equal(other.universal.B, first.universal.B)):
+            raise ValueError(f"{where}: the universal experts differ; stack experts trained over one universal")
+        if other.domain.rank != first.domain.rank:
+            raise ValueError(f"{where}: domain ranks differ ({other.domain.rank} vs {first.domain.rank})")
+    stacked = type(first)(first.base, sum(layer.n_domains for layer in layers), **first.layer_kwargs)
+    with torch.no_grad():
+        if first.universal is not None:
+            stacked.universal.A.copy_(first.universal.A)
+            stacked.universal.B.copy_(first.universal.B)
+        stacked.domain.A.copy_(torch.cat([layer.domain.A for layer in layers]))
+        stacked.domain.B.copy_(torch.cat([layer.domain.B for layer in layers]))
+    return stacked
+
+
+def stack_experts(items: list, domains: list[str] | None = None):
+    """n single-expert layers -> one n-expert layer; n injected models -> one stacked model.
+
+    For models, the result is a copy of the first model's skeleton whose expert layers are
+    stacked; ``domains`` defaults to the concatenation of the models' domain lists.
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("stack_experts: nothing to stack")
+    if all(isinstance(item, ExpertLinear) for item in items):
+        return _stack_layers(items)
+    specs = [spec_of(model) for model in items]
+    names = [name for spec in specs for name in spec.domains]
+    domains = list(domains) if domains is not None else names
+    if len(domains) != len(names) or len(set(domains)) != len(domains):
+        raise ValueError(f"domains: need {len(names)} distinct names for the stacked experts, got {domains}")
+    layer_maps = [expert_layers(model) for model in items]
+    if any(set(m) != set(layer_maps[0]) for m in layer_maps[1:]):
+        raise ValueError("stack_experts: the models wrap different modules")
+    stacked_model = copy.deepcopy(items[0])
+    for path, own_layer in expert_layers(stacked_model).items():
+        parent_path, _, attr = path.rpartition(".")
+        layer = _stack_layers([own_layer] + [m[path] for m in layer_maps[1:]], where=path)
+        setattr(stacked_model.get_submodule(parent_path), attr, layer)
+    spec = specs[0]
+    stacked_model.modula_spec = ExpertSpec(spec.method, domains, list(spec.target_modules), dict(spec.layer_kwargs))
+    return stacked_model

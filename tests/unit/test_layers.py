@@ -1,0 +1,203 @@
+"""Expert layers: the DESIGN §1 contract, paper equations, stacked vs loop reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modula_ray.experts import METHODS, reference_forward, wrap_linear
+
+D_IN, D_OUT, N = 12, 10, 3
+ROUTED = {"lora": 0, "molora": N, "modula_flan": N + 1, "modula_res": N}
+STAGES_OF = {"lora": ["universal", "joint"], "molora": ["experts", "router", "joint"],
+             "modula_flan": ["universal", "experts", "router", "joint"],
+             "modula_res": ["universal", "experts", "router", "joint"]}
+
+
+def make_layer(method, n=N, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = wrap_linear(nn.Linear(D_IN, D_OUT), method, n, **kw)
+    with torch.no_grad():  # random everything, so no term hides behind a zero init
+        for name, p in layer.named_parameters():
+            if not name.startswith("base."):
+                p.normal_(0, 0.3)
+    return layer
+
+
+def test_four_methods_registered():
+    assert set(METHODS) >= {"lora", "molora", "modula_flan", "modula_res"}
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "modula_flan", "modula_res"])
+def test_parameter_names_and_shapes(method):
+    layer = wrap_linear(nn.Linear(D_IN, D_OUT), method, N, universal_rank=6, domain_rank=4)
+    shapes = {k: tuple(v.shape) for k, v in layer.named_parameters()}
+    expected = {"base.weight": (D_OUT, D_IN), "base.bias": (D_OUT,)}
+    if method != "molora":
+        expected |= {"universal.A": (6, D_IN), "universal.B": (D_OUT, 6)}
+    if method != "lora":
+        reads = D_OUT if method == "modula_res" else D_IN
+        expected |= {"domain.A": (N, 4, reads), "domain.B": (N, D_OUT, 4),
+                     "router.weight": (ROUTED[method], D_IN)}
+    assert shapes == expected
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "modula_flan", "modula_res"])
+def test_fresh_layer_is_the_base_layer(method):
+    base = nn.Linear(D_IN, D_OUT)
+    layer = wrap_linear(base, method, N)
+    x = torch.randn(4, 7, D_IN)
+    assert torch.equal(layer(x), base(x))
+    if layer.router is not None:
+        assert torch.count_nonzero(layer.router.weight) == 0
+    assert torch.count_nonzero((layer.universal or layer.domain).B) == 0
+
+
+def _gates(x, w, b=None, tau=1.0, k=None):
+    """Paper router, per token: softmax(W_R x / tau), top-k kept and renormalised."""
+    logits = (w @ x + (b if b is not None else 0)) / tau
+    g = torch.softmax(logits, dim=0)
+    if k is not None:
+        keep = torch.zeros_like(g)
+        keep[torch.topk(logits, k).indices] = 1
+        g = g * keep / (g * keep).sum()
+    return g
+
+
+def paper_equation(layer, x_vec, *, tau=1.0, k=None):
+    """MoLoRA eq. 1-3, Flan eq. 5-8, Res eq. 9-12 for ONE token vector, from named parameters only."""
+    P = dict(layer.named_parameters())
+    kw = layer.layer_kwargs
+    su, sd = kw["universal_alpha"] / kw["universal_rank"], kw["domain_alpha"] / kw["domain_rank"]
+    y = P["base.weight"] @ x_vec + P["base.bias"]
+    if layer.method == "lora":
+        return y + su * P["universal.B"] @ (P["universal.A"] @ x_vec)
+    g = _gates(x_vec, P["router.weight"], None, tau, k)
+    n = P["domain.A"].shape[0]
+    if layer.method == "molora":  # y = W0 x + sum_i g_i s B_i A_i x
+        return y + sum(g[i] * sd * P["domain.B"][i] @ (P["domain.A"][i] @ x_vec) for i in range(n))
+    if layer.method == "modula_flan":  # universal is routed expert 0
+        y = y + g[0] * su * P["universal.B"] @ (P["universal.A"] @ x_vec)
+        return y + sum(g[i + 1] * sd * P["domain.B"][i] @ (P["domain.A"][i] @ x_vec) for i in range(n))
+    h = su * P["universal.B"] @ (P["universal.A"] @ x_vec)  # res: h = s* B* A* x
+    refine = sum(g[i] * sd * P["domain.B"][i] @ F.leaky_relu(P["domain.A"][i] @ h, 0.01) for i in range(n))
+    return y + h + refine
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "modula_flan", "modula_res"])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_matches_paper_equations_per_token(method, top_k):
+    top_k = None if method == "lora" else top_k
+    layer = make_layer(method, top_k=top_k, temperature=0.7 if method != "lora" else 1.0)
+    x = torch.randn(2, 3, D_IN)
+    y = layer(x)
+    for b in range(2):
+        for t in range(3):
+            expected = paper_equation(layer, x[b, t], tau=layer.layer_kwargs["temperature"], k=top_k)
+            torch.testing.assert_close(y[b, t], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "modula_flan", "modula_res"])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_stacked_equals_loop_reference_outputs_and_gradients(method, top_k):
+    top_k = None if method == "lora" else top_k
+    for stage in STAGES_OF[method]:
+        kw = dict(top_k=top_k, temperature=1.5, router_bias=method != "lora") if method != "lora" else {}
+        n = 1 if stage == "experts" else N
+        kw = kw | ({"top_k": None} if n == 1 and "top_k" in kw else {})
+        fast, slow = make_layer(method, n, seed=1, **kw), make_layer(method, n, seed=1, **kw)
+        fast.set_stage(stage)
+        slow.set_stage(stage)
+        x = torch.randn(3, 5, D_IN)
+        x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_fast, y_slow = fast(x_fast), reference_forward(slow, x_slow)
+        torch.testing.assert_close(y_fast, y_slow, rtol=1e-5, atol=1e-5)
+        weights = torch.randn_like(y_fast)
+        (y_fast * weights).sum().backward()
+        (y_slow * weights).sum().backward()
+        torch.testing.assert_close(x_fast.grad, x_slow.grad, rtol=1e-5, atol=1e-5)
+        grads = 0
+        for (name, p_fast), (_, p_slow) in zip(fast.named_parameters(), slow.named_parameters()):
+            assert (p_fast.grad is None) == (p_slow.grad is None), (stage, name)
+            if p_fast.grad is not None:
+                grads += 1
+                torch.testing.assert_close(p_fast.grad, p_slow.grad, rtol=1e-5, atol=1e-5, msg=f"{stage} {name}")
+        assert grads > 0
+
+
+@pytest.mark.parametrize("method", ["molora", "modula_flan", "modula_res"])
+def test_experts_stage_single_expert_forward(method):
+    layer = make_layer(method, n=1)
+    layer.set_stage("experts")
+    x = torch.randn(4, D_IN)
+    P = dict(layer.named_parameters())
+    su, sd = 32 / 16, 16 / 8
+    y0 = x @ P["base.weight"].T + P["base.bias"]
+    if method == "modula_res":  # W0 x + h + s B_1 LeakyReLU(A_1 h), universal frozen but active
+        h = su * x @ P["universal.A"].T @ P["universal.B"].T
+        expected = y0 + h + sd * F.leaky_relu(h @ P["domain.A"][0].T, 0.01) @ P["domain.B"][0].T
+    else:  # paper eq. 4: W0 x + s B_1 A_1 x, universal inactive
+        expected = y0 + sd * x @ P["domain.A"][0].T @ P["domain.B"][0].T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_router_top_k_renormalises_and_temperature_sharpens():
+    layer = make_layer("molora", n=4, top_k=2)
+    gates = layer.router(torch.randn(50, D_IN))
+    assert torch.allclose(gates.sum(-1), torch.ones(50))
+    assert ((gates > 0).sum(-1) == 2).all()
+    hot = make_layer("molora", n=4, temperature=0.1).router(torch.ones(1, D_IN))
+    cold = make_layer("molora", n=4, temperature=10.0).router(torch.ones(1, D_IN))
+    assert hot.max() > cold.max()
+
+
+def test_switch_load_balancing_loss_values():
+    layer = wrap_linear(nn.Linear(D_IN, D_OUT), "molora", 2)
+    x = torch.randn(64, D_IN)
+    layer(x)  # zero router: uniform probabilities -> the balanced optimum, exactly 1
+    assert layer.router.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.bias = nn.Parameter(torch.tensor([20.0, -20.0]))
+    layer(x)  # everything to expert 0 with P_0 ~ 1 -> n * 1 * 1 = 2
+    assert layer.router.aux_loss.item() == pytest.approx(2.0, abs=1e-4)
+    assert layer.router.mean_gates.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert layer.router.aux_loss.requires_grad
+
+
+def test_experts_are_computed_without_a_python_loop():
+    """One batched matmul per projection: wall time must not grow like n (checked by op count)."""
+    layer = make_layer("modula_res", n=8)
+    x = torch.randn(2, 4, D_IN)
+    with torch.profiler.profile() as prof:
+        layer(x)
+    matmuls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::matmul"))
+    small = make_layer("modula_res", n=1)
+    with torch.profiler.profile() as prof1:
+        small(x)
+    matmuls_1 = sum(e.count for e in prof1.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::matmul"))
+    assert matmuls == matmuls_1
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(method="nope"), "method"), (dict(n_domains=0), "n_domains"), (dict(domain_rank=0), "domain_rank"),
+    (dict(universal_rank=-1), "universal_rank"), (dict(top_k=5), "top_k"), (dict(temperature=0.0), "temperature"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_arguments_raise_value_error_naming_the_field(kwargs, field):
+    args = dict(method="modula_res", n_domains=3) | kwargs
+    with pytest.raises(ValueError, match=field):
+        wrap_linear(nn.Linear(D_IN, D_OUT), args.pop("method"), args.pop("n_domains"), **args)
+
+
+def test_flan_top_k_counts_the_universal_expert():
+    wrap_linear(nn.Linear(D_IN, D_OUT), "modula_flan", 3, top_k=4)  # 4 routed: fine
+    with pytest.raises(ValueError, match="top_k"):
+        wrap_linear(nn.Linear(D_IN, D_OUT), "modula_flan", 3, top_k=5)
+
+
+def test_set_stage_experts_needs_one_domain():
+    layer = make_layer("modula_flan", n=2)
+    with pytest.raises(ValueError, match="exactly one domain expert"):
+        layer.set_stage("experts")
+    with pytest.raises(ValueError, match="stage"):
+        make_layer("molora").set_stage("universal")
