@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Each module adds its subcommands with ``add_parser(commands)`` and imports heavy things lazily.
+COMMAND_MODULES = ["modula_ray.data.commands"]
 
 
 def _cmd_base_model(args) -> int:
@@ -22,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Materialise a registered base model (offline) and print its folder.")
     base.add_argument("name", nargs="?", default="smollm2-135m", help="smollm2-135m | tiny-llama | tiny-qwen2")
     base.set_defaults(func=_cmd_base_model)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(commands)
     return parser
 
 

@@ -23,13 +23,13 @@ class ArtifactError(ModulaError, ValueError):
 
 
 class DataValidationError(ModulaError, ValueError):
-    """A dataset row breaks the schema: names the file, the 1-based row and the field."""
+    """A dataset row breaks the schema: names the file, the row (0-based, as ``df.iloc[row]``) and the field."""
 
     def __init__(self, path, row: int | None, field: str | None, message: str):
         self.path, self.row, self.field = str(path), row, field
         where = [self.path]
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row} (0-based)")
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}")

@@ -12,12 +12,16 @@ from .data.formatting import IGNORE_INDEX
 
 
 def causal_lm_loss(model, batch: dict, aux_loss_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """``batch``: ``input_ids``, ``attention_mask``, ``labels`` (prompt and padding at -100).
+    """``batch``: ``input_ids``, ``attention_mask``, ``labels`` (prompt and padding at -100),
+    and ``position_ids`` for packed rows.
 
     Returns the loss to back-propagate and numbers for logging: ``ce``, ``aux``, ``tokens``
     (response tokens scored) and ``input_tokens`` (tokens processed).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:  # packed rows: with no mask and no cache, transformers masks block-diagonally
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     scored = (labels != IGNORE_INDEX).sum()
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),

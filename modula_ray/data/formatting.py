@@ -1,12 +1,17 @@
-"""Chat formatting with the base model's template; loss only on the response.
+"""Chat formatting with the base model's template; loss only on the response; optional packing.
 
-``encode_example`` renders ``[user: prompt, assistant: response]`` with the tokenizer's
-chat template and labels every prompt token ``-100``, so the loss sees only the answer
-(and its end-of-turn token). Cutting at ``max_length`` is reported, never silent.
+``encode_example`` renders ``[user: prompt, assistant: response]`` with the tokenizer's chat
+template and labels every prompt token ``-100``, so the loss sees only the answer and its
+end-of-turn token. ``encode_rows`` counts what ``max_length`` cut (``truncated``) and the
+rows left with no response token at all (``dropped``): truncation is reported, never silent.
+
+``pack`` concatenates examples into rows of at most ``max_length`` tokens with
+``position_ids`` restarting at 0 per example; given ``position_ids`` and no attention mask,
+transformers builds a block-diagonal causal mask, so packed examples never see each other.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +22,22 @@ IGNORE_INDEX = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    truncated: bool = False
+    position_ids: list[int] | None = None
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    truncated_ids: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.examples} examples, {self.tokens} tokens ({self.response_tokens} scored); "
+                f"{self.truncated} truncated at max_length, {self.dropped} dropped with no response left")
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
@@ -37,19 +57,60 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> En
     if full[:len(head)] != head:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
     labels = [IGNORE_INDEX] * len(head) + full[len(head):]
-    truncated = len(full) > max_length
-    return Encoded(full[:max_length], labels[:max_length], truncated)
+    return Encoded(full[:max_length], labels[:max_length], len(full) > max_length)
+
+
+def encode_rows(rows, tokenizer, max_length: int) -> tuple[list[Encoded], EncodeStats]:
+    """Encode schema rows (dicts with prompt/response/id); rows with nothing left to learn are dropped."""
+    stats, encoded = EncodeStats(), []
+    for row in rows:
+        example = encode_example(tokenizer, row["prompt"], row["response"], max_length)
+        stats.examples += 1
+        if example.truncated:
+            stats.truncated += 1
+            stats.truncated_ids.append(str(row.get("id", stats.examples - 1)))
+        scored = sum(label != IGNORE_INDEX for label in example.labels[1:])
+        if scored == 0:
+            stats.dropped += 1
+            continue
+        stats.tokens += len(example.input_ids)
+        stats.response_tokens += scored
+        encoded.append(example)
+    return encoded, stats
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Greedy, order-preserving packing into rows of at most ``max_length`` tokens."""
+    packed, ids, labels, positions = [], [], [], []
+    for example in examples:
+        if ids and len(ids) + len(example.input_ids) > max_length:
+            packed.append(Encoded(ids, labels, False, positions))
+            ids, labels, positions = [], [], []
+        ids = ids + example.input_ids
+        labels = labels + example.labels
+        positions = positions + list(range(len(example.input_ids)))
+    if ids:
+        packed.append(Encoded(ids, labels, False, positions))
+    return packed
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    """Right-pad to the longest row. Padding is out of the loss; for packed rows it is its own block."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[row, :n] = torch.tensor(example.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    return batch
