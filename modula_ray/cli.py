@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module adds its subcommands with ``add_parser(commands)`` and imports heavy things lazily.
-COMMAND_MODULES = ["modula_ray.data.commands"]
+COMMAND_MODULES = ["modula_ray.data.commands", "modula_ray.train.commands"]
 
 
 def _cmd_base_model(args) -> int:

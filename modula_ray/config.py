@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .experts.inject import DEFAULT_TARGETS
-from .experts.registry import METHODS
 
 
 def _type_name(hint) -> str:
@@ -126,9 +125,8 @@ def require(condition: bool, field_name: str, message: str) -> None:
 
 @dataclass
 class ExpertsConfig:
-    """Expert layers; the paper leaves these open, so they are ours to configure (DESIGN §1)."""
+    """Expert layer hyperparameters; the paper leaves these open, so they are ours (DESIGN §1)."""
 
-    method: str = "modula_res"               # lora | molora | modula_flan | modula_res
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     universal_rank: int = 16                 # r_u
     domain_rank: int = 8                     # r_d
@@ -140,7 +138,6 @@ class ExpertsConfig:
     router_bias: bool = False
 
     def __post_init__(self):
-        require(self.method in METHODS, "method", f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         require(bool(self.target_modules), "target_modules", "must name at least one module")
         for name in ("universal_rank", "domain_rank"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
@@ -152,3 +149,145 @@ class ExpertsConfig:
     def layer_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha",
                                               "dropout", "top_k", "temperature", "router_bias")}
+
+
+@dataclass
+class ScalingSpec:
+    """One worker group: becomes a ``ray.train.ScalingConfig``."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None  # e.g. {CPU: 0.5} or {CPU: 4, pool_math: 1}
+    accelerator_type: str | None = None                   # e.g. A100, H100
+    node_labels: dict[str, str] | None = None             # label_selector, e.g. {pool: math}
+    torch_threads: int | None = None                      # CPU threads per worker (default: its CPUs)
+
+    def __post_init__(self):
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        for name, amount in (self.resources_per_worker or {}).items():
+            require(amount >= 0, f"resources_per_worker.{name}", f"must be >= 0, got {amount}")
+        require(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one worker asks Ray for (Ray Train adds 1 CPU by default, 1 GPU with use_gpu)."""
+        resources = dict(self.resources_per_worker or {"CPU": 1.0})
+        if self.use_gpu:
+            resources.setdefault("GPU", 1.0)
+        if self.accelerator_type:
+            resources[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        return resources
+
+
+@dataclass
+class StageConfig:
+    """Optimisation and placement of one stage (or one domain's stage-2 run)."""
+
+    steps: int = 20                          # optimizer steps
+    batch_size: int = 4                      # examples per worker per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0                    # linear warmup, then cosine decay to 10% of lr
+    max_grad_norm: float | None = 1.0
+    aux_loss_coef: float = 0.0               # Switch load balance (router stages)
+    log_every: int = 5
+    checkpoint_every: int = 10
+    data_weights: dict[str, float] | None = None  # domain mix; None = as built
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    deepspeed: dict | None = None            # {zero_stage: 2|3, ...extra DeepSpeed config}
+    crash_at_step: int | None = None         # fault injection: rank 0 exits once here (resume tests)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for name in ("weight_decay", "aux_loss_coef", "warmup_steps"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        if self.deepspeed is not None:
+            require(self.deepspeed.get("zero_stage", 2) in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0-3")
+
+
+@dataclass
+class ExpertStageConfig(StageConfig):
+    """Stage 2 defaults plus per-domain overrides of any field, e.g. ``domains.math.scaling``."""
+
+    domains: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class StagesConfig:
+    universal: StageConfig = field(default_factory=StageConfig)
+    experts: ExpertStageConfig = field(default_factory=ExpertStageConfig)
+    router: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-2, aux_loss_coef=0.01))
+    joint: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass
+class DataConfig:
+    size: str = "tiny"                       # tiny | demo | full (modula-ray data build --size)
+    seed: int = 0
+    dir: str | None = None                   # default: RUN_DIR/data, built if missing
+    max_length: int = 256
+    pack: bool = False
+    general_domain: str = "general"          # stage-1 data, and part of the router/joint mix
+
+    def __post_init__(self):
+        require(self.size in ("tiny", "demo", "full"), "size", f"unknown size {self.size!r}")
+        require(self.max_length >= 16, "max_length", f"must be >= 16, got {self.max_length}")
+
+
+STAGE_PLANS = {"modula_flan": ("universal", "experts", "router"), "modula_res": ("universal", "experts", "router"),
+               "lora": ("joint",), "molora": ("joint",)}
+
+
+@dataclass
+class PipelineConfig:
+    """A whole composition: ``python jobs/pipeline.py --config CFG --out RUN_DIR``."""
+
+    method: str = "modula_res"               # lora | molora | modula_flan | modula_res
+    base_model: str = "tiny-llama"           # registered name or HF folder
+    domains: list[str] = field(default_factory=lambda: ["math", "code"])
+    seed: int = 0
+    dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    max_failures: int = 0                    # ray.train.FailureConfig
+    storage_path: str | None = None          # Ray Train storage; default RUN_DIR/ray (shared FS on clusters)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+
+    def __post_init__(self):
+        from .data.sources import SOURCES
+
+        require(self.method in STAGE_PLANS, "method", f"unknown method {self.method!r}; "
+                                                      f"choose one of {sorted(STAGE_PLANS)}")
+        require(bool(self.domains), "domains", "name at least one domain")
+        require(len(set(self.domains)) == len(self.domains), "domains", f"duplicates in {self.domains}")
+        for name in self.domains + [self.data.general_domain] + list(self.stages.experts.domains):
+            require(name in SOURCES, "domains", f"unknown domain {name!r}; known: {sorted(SOURCES)}")
+        require(self.data.general_domain not in self.domains, "data.general_domain",
+                f"{self.data.general_domain!r} trains the universal expert; it cannot also be a domain")
+        require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", f"unknown dtype {self.dtype!r}")
+        require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 retries forever)")
+        for domain in self.stages.experts.domains:
+            self.stage("experts", domain)  # validates each override now, before any Ray work
+
+    @property
+    def plan(self) -> tuple[str, ...]:
+        return STAGE_PLANS[self.method]
+
+    def stage(self, name: str, domain: str | None = None) -> StageConfig:
+        """The stage's settings; for stage 2, with ``domain``'s overrides merged in."""
+        config = getattr(self.stages, name)
+        if name != "experts":
+            return config
+        merged = to_dict(config)
+        overrides = merged.pop("domains").get(domain, {}) if domain else {}
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return from_dict(StageConfig, merged, prefix=f"stages.experts.domains.{domain}" if domain else "stages.experts")
+
+    def torch_dtype_name(self, use_gpu: bool) -> str:
+        return ("bfloat16" if use_gpu else "float32") if self.dtype == "auto" else self.dtype

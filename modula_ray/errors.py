@@ -41,3 +41,11 @@ class MissingPackageError(ModulaError, ImportError):
     def __init__(self, package: str, install: str):
         self.package, self.install = package, install
         super().__init__(f"package {package!r} is not installed; install it with:\n    {install}")
+
+
+class ResourceUnavailableError(ModulaError, RuntimeError):
+    """A worker group asks for resources the cluster cannot place; names requested and available."""
+
+
+class StageFailedError(ModulaError, RuntimeError):
+    """A training stage failed after its retries; names the stage and the Ray run."""

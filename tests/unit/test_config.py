@@ -7,7 +7,7 @@ from modula_ray.errors import ConfigError
 
 
 @pytest.mark.parametrize("data, field", [
-    ({"method": "moe"}, "method"), ({"domain_rank": 0}, "domain_rank"), ({"dropout": "high"}, "dropout"),
+    ({"domain_rank": 0}, "domain_rank"), ({"dropout": "high"}, "dropout"),
     ({"top_k": 0}, "top_k"), ({"colour": "red"}, "colour"), ({"target_modules": "q_proj"}, "target_modules"),
 ])
 def test_bad_values_name_the_field_and_file(tmp_path, data, field):
@@ -21,10 +21,10 @@ def test_bad_values_name_the_field_and_file(tmp_path, data, field):
 
 def test_overrides_and_round_trip(tmp_path):
     path = tmp_path / "experts.yaml"
-    path.write_text(dump_config(ExpertsConfig(method="modula_flan"), "modula-ray train --config experts.yaml"))
+    path.write_text(dump_config(ExpertsConfig(domain_rank=4), "modula-ray train --config experts.yaml"))
     assert path.read_text().startswith("# modula-ray train --config experts.yaml\n")
     config = load_config(ExpertsConfig, path, ["top_k=2", "temperature=0.5"])
-    assert (config.method, config.top_k, config.temperature) == ("modula_flan", 2, 0.5)
+    assert (config.domain_rank, config.top_k, config.temperature) == (4, 2, 0.5)
     assert config.layer_kwargs()["top_k"] == 2
     assert from_dict(ExpertsConfig, {"universal_alpha": 8}).universal_alpha == 8.0
     with pytest.raises(ConfigError, match="dotted.key=value"):

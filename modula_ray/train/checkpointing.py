@@ -1,0 +1,60 @@
+"""Exact resume: trainable weights, optimizer, scheduler, step, counters and every rank's RNG.
+
+Rank 0 writes ``state.pt``; every rank writes ``rng_rank<r>.pt`` into its own folder; Ray
+Train merges the folders of one report into one checkpoint. With DeepSpeed the engine
+writes its own (sharded) files under ``deepspeed/`` on every rank.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write(folder: Path, *, rank: int, step: int, counters: dict, params: dict[str, torch.Tensor],
+          optimizer=None, scheduler=None, engine=None) -> None:
+    """Write this rank's share of the checkpoint of ``step`` into ``folder``."""
+    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    if engine is not None:  # DeepSpeed: every rank saves its partition
+        engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+    if rank == 0:
+        torch.save({"step": step, "counters": counters,
+                    "params": {k: v.detach().cpu().clone() for k, v in params.items()} if engine is None else {},
+                    "optimizer": optimizer.state_dict() if optimizer is not None and engine is None else None,
+                    "scheduler": scheduler.state_dict() if scheduler is not None and engine is None else None},
+                   folder / STATE_FILE)
+
+
+def restore(folder: Path, *, rank: int, params: dict[str, torch.Tensor], optimizer=None, scheduler=None,
+            engine=None) -> tuple[int, dict]:
+    """Load a checkpoint written by ``write``; returns ``(step, counters)``."""
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    if engine is not None:  # the engine restores weights (possibly partitioned), optimizer and scheduler
+        engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+    else:
+        with torch.no_grad():
+            for name, tensor in params.items():
+                tensor.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return state["step"], state["counters"]

@@ -1,0 +1,111 @@
+"""Optimisation back-ends behind one interface: plain/DDP torch, or DeepSpeed ZeRO.
+
+``micro_step(batch, last)`` does forward + backward of one micro-batch (gradients averaged
+over ``grad_accum``); ``finish_step()`` clips, steps the optimizer and the LR schedule.
+LR: linear warmup over ``warmup_steps``, then cosine decay to 10% of ``lr``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..objective import causal_lm_loss
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class TorchEngine:
+    """AdamW over the trainable parameters; DDP via ``ray.train.torch.prepare_model`` when world > 1."""
+
+    ds = None
+
+    def __init__(self, model, params: dict, hp: dict, world: int):
+        self.hp, self.params = hp, list(params.values())
+        if world > 1:
+            from ray.train.torch import prepare_model
+
+            # Experts that a top-k router skips get no gradient: DDP must not wait for them.
+            model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.model = model
+        self.module = getattr(model, "module", model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(hp["warmup_steps"], hp["steps"]))
+
+    def micro_step(self, batch: dict, last: bool) -> dict:
+        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            loss, stats = causal_lm_loss(self.model, batch, self.hp["aux_loss_coef"])
+            (loss / self.hp["grad_accum"]).backward()
+        return stats
+
+    def finish_step(self) -> None:
+        if self.hp["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp["max_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        yield
+
+
+class DeepSpeedEngine(TorchEngine):
+    """``deepspeed.initialize`` inside the loop (no prepare_model); ZeRO stage from the config."""
+
+    def __init__(self, model, params: dict, hp: dict, world: int, dtype: str):
+        import deepspeed
+
+        self.hp, self.params = hp, list(params.values())
+        extra = dict(hp["deepspeed"])
+        zero_stage = extra.pop("zero_stage", 2)
+        config = {"train_micro_batch_size_per_gpu": hp["batch_size"],
+                  "gradient_accumulation_steps": hp["grad_accum"],
+                  "zero_optimization": {"stage": zero_stage},
+                  "optimizer": {"type": "AdamW", "params": {"lr": hp["lr"], "weight_decay": hp["weight_decay"]}},
+                  "gradient_clipping": hp["max_grad_norm"] or 0.0,
+                  "bf16": {"enabled": dtype == "bfloat16"}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        config.update(extra)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=self.params, config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp["warmup_steps"], hp["steps"])))
+        self.model, self.module = self.ds, self.ds.module
+        self.zero_stage = zero_stage
+
+    def micro_step(self, batch: dict, last: bool) -> dict:
+        loss, stats = causal_lm_loss(self.ds, batch, self.hp["aux_loss_coef"])
+        self.ds.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps itself
+        self.ds.step()          # a no-op until the accumulation boundary
+        return stats
+
+    def finish_step(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """ZeRO-3 partitions weights: gather them (on every rank) while rank 0 saves."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def make_engine(model, params: dict, hp: dict, world: int, dtype: str):
+    if hp.get("deepspeed") is not None:
+        return DeepSpeedEngine(model, params, hp, world, dtype)
+    return TorchEngine(model, params, hp, world)

@@ -1,0 +1,90 @@
+"""Run ``StageTask``s as ``TorchTrainer``s: one at a time, or several at once from threads.
+
+Each trainer gets its own ``ScalingConfig`` (worker group), a run name unique to the run
+folder (Ray Train V2 silently resumes a reused name, which we want only for the same
+attempt of the same stage), ``FailureConfig(max_failures)`` and the split as a Ray Dataset.
+Every worker sees the whole split (no Ray Data split) so the data order, and resume, are exact.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import StageFailedError
+from ..models import cache_dir
+from .ledger import make_record
+from .task import StageTask
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def worker_env() -> dict:
+    cache = cache_dir()
+    return {**WORKER_ENV, "MODULA_RAY_CACHE": str(cache), "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions")}
+
+
+def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_failures: int, event: str):
+    """Train one task; returns ``(ledger record, final metrics)``."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data.ray_data import load_split
+    from .loop import train_loop_per_worker
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per stage instead
+    dataset = load_split(task.data_dir, task.data_domains, "train", task.data_weights, seed=task.seed)
+    scaling = ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                            resources_per_worker=spec.resources_per_worker, accelerator_type=spec.accelerator_type,
+                            label_selector=spec.node_labels)
+    run_config = RunConfig(name=run_name, storage_path=storage_path,
+                           failure_config=FailureConfig(max_failures=max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                           worker_runtime_env={"env_vars": worker_env()},
+                           logging_config=LoggingConfig(log_level="WARNING"))  # our own log line per step
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"task": task.to_dict()},
+                           scaling_config=scaling, run_config=run_config, datasets={"train": dataset},
+                           dataset_config=DataConfig(datasets_to_split=[]))
+    print(f"[{task.key}] starting {spec.num_workers} worker(s) x {spec.worker_resources()} as {run_name}",
+          flush=True)
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray raises several failure types
+        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {exc}") from exc
+    ended = time.time()
+    if result.error is not None or not (result.metrics or {}).get("done"):
+        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {result.error or 'no final report'}")
+    metrics = dict(result.metrics)
+    stage, _, domain = task.key.partition("/")
+    record = make_record(stage=stage, domain=domain or None, event=event, metrics=metrics,
+                         num_workers=spec.num_workers, started_at=started, ended_at=ended, run_name=run_name)
+    print(f"[{task.key}] done in {ended - started:.1f}s: loss {metrics['loss']:.4f}, {metrics['tokens']:,} tokens, "
+          f"{metrics['trainable_params']:,} trainable params", flush=True)
+    return record, metrics
+
+
+def fit_concurrently(jobs: list[dict], on_done) -> None:
+    """Fit every job (``fit_task`` kwargs) at once; ``on_done(job, record, metrics)`` runs as each
+    finishes (serialised), so one failure does not lose the others. Raises the first failure."""
+    lock, errors = threading.Lock(), []
+
+    def run(job):
+        try:
+            record, metrics = fit_task(**job)
+        except Exception as exc:  # noqa: BLE001 - collected and re-raised below
+            errors.append(exc)
+            return
+        with lock:
+            on_done(job, record, metrics)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="stage") as pool:
+        list(pool.map(run, jobs))
+    if errors:
+        raise errors[0]
+
+
+def default_storage(run_dir: str) -> str:
+    return str(Path(run_dir).resolve() / "ray")

@@ -1,0 +1,219 @@
+"""The three MoDULA stages (or a baseline's one) for a run folder, and ``add-domain``.
+
+A run folder holds ``config.yaml`` (first line: the command), ``manifest.json``, the parts,
+``tensorboard/`` and ``ray/`` (Ray Train storage). A finished stage is skipped unless
+``force``; a stage whose inputs were retrained after it finished is stale and runs again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from pathlib import Path
+
+from ..compose import MANIFEST, SCHEMA_VERSION, read_manifest, write_manifest
+from ..config import PipelineConfig, dump_config, load_config, to_dict
+from ..errors import ConfigError
+from ..fileio import atomic_write_text
+from ..models import base_fingerprint, resolve_base
+from .experts import expert_task
+from .joint import joint_task
+from .launcher import default_storage, fit_concurrently
+from .resources import check_groups
+from .router import router_task
+from .task import RunContext, StageTask
+from .universal import universal_task
+
+DEPENDS = {"router": ("universal", "experts/"), "experts/": ("universal",)}
+CONFIG_FILE = "config.yaml"
+
+
+def connect_ray() -> None:
+    """Join the cluster of ``ray job submit`` (RAY_ADDRESS), or start an in-process one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def ensure_data(config: PipelineConfig, data_dir: Path, domains: list[str]) -> dict:
+    """Reuse ``data_dir`` if it was built with the configured size and seed, else build it."""
+    from ..data.build import build_datasets, load_manifest
+
+    if (data_dir / "datasets.json").is_file():
+        built = load_manifest(data_dir)
+        if (built["size"], built["seed"]) != (config.data.size, config.data.seed):
+            raise ConfigError("data", f"{data_dir} was built with size {built['size']} seed {built['seed']}, the "
+                                      f"config asks for size {config.data.size} seed {config.data.seed}")
+    else:
+        print(f"building data ({config.data.size}, seed {config.data.seed}) into {data_dir}", flush=True)
+        built = build_datasets(config.data.size, config.data.seed, data_dir)
+    missing = [d for d in domains if d not in built["domains"]]
+    if missing:
+        raise ConfigError("domains", f"{data_dir}/datasets.json has no {missing}")
+    return built
+
+
+def open_run(config: PipelineConfig, run_dir, *, command: str, write_config: bool = True
+             ) -> tuple[RunContext, dict]:
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = resolve_base(config.base_model)
+    if (run_dir / MANIFEST).is_file():
+        manifest = read_manifest(run_dir)
+        if manifest["method"] != config.method:
+            raise ConfigError("method", f"{run_dir} holds a {manifest['method']} run; the config says {config.method}")
+    else:
+        manifest = {"schema_version": SCHEMA_VERSION, "run_id": uuid.uuid4().hex[:10], "method": config.method,
+                    "base_model": {"name": config.base_model, "path": base, "sha256": base_fingerprint(base)},
+                    "target_modules": list(config.experts.target_modules), "experts": to_dict(config.experts),
+                    "domains": {}, "universal": None, "router": None, "stages": {}, "ledger": []}
+    data_dir = Path(config.data.dir).resolve() if config.data.dir else run_dir / "data"
+    built = ensure_data(config, data_dir, config.domains + [config.data.general_domain])
+    manifest["data"] = {"dir": str(data_dir), "size": built["size"], "seed": built["seed"]}
+    manifest["_train_sha"] = {d: e["splits"]["train"]["sha256"] for d, e in built["domains"].items()}
+    if write_config:
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(config, command))
+    run = RunContext(config=config, run_dir=str(run_dir), data_dir=str(data_dir), base_model=base,
+                     base_sha256=manifest["base_model"]["sha256"], run_id=manifest["run_id"],
+                     domains=list(config.domains))
+    return run, manifest
+
+
+class Runner:
+    """Fits tasks for one run folder and keeps its manifest up to date after every stage."""
+
+    def __init__(self, run: RunContext, manifest: dict, *, force: bool, event: str):
+        self.run, self.manifest, self.force, self.event = run, manifest, force, event
+        self.storage = run.config.storage_path or default_storage(run.run_dir)
+
+    def stale(self, key: str) -> bool:
+        state = self.manifest["stages"].get(key)
+        if self.force or not state or not state.get("done"):
+            return True
+        for prefix, needs in DEPENDS.items():
+            if key.startswith(prefix):
+                for need in needs:
+                    later = [s for k, s in self.manifest["stages"].items()
+                             if k.startswith(need) and s.get("finished_at", 0) > state["finished_at"]]
+                    if later:
+                        return True
+        return False
+
+    def fit(self, tasks: list[StageTask]) -> None:
+        tasks = [t for t in tasks if self.stale(t.key)]
+        for task in tasks:
+            state = self.manifest["stages"].setdefault(task.key, {"attempt": 0})
+            if self.force or state.get("done"):
+                state["attempt"] += 1
+            state["attempt"] = max(state["attempt"], 1)
+            state.update(done=False, run_name=f"modula-{self.run.run_id}-{task.slug}-a{state['attempt']}")
+        if not tasks:
+            return
+        specs = {t.key: self.run.config.stage(t.stage, t.key.partition("/")[2] or None).scaling for t in tasks}
+        for warning in check_groups([(k, s) for k, s in specs.items()]):
+            print(f"warning: {warning}", flush=True)
+        self._save()
+        jobs = [dict(task=t, spec=specs[t.key], run_name=self.manifest["stages"][t.key]["run_name"],
+                     storage_path=self.storage, max_failures=self.run.config.max_failures, event=self.event)
+                for t in tasks]
+        fit_concurrently(jobs, self._record)
+
+    def _record(self, job: dict, record: dict, metrics: dict) -> None:
+        task, manifest = job["task"], self.manifest
+        rel = lambda path: os.path.relpath(path, self.run.run_dir)  # noqa: E731
+        summary = {k: metrics[k] for k in ("loss", "tokens", "examples", "truncated", "dropped") if k in metrics}
+        for ref in task.save:
+            if ref.part == "universal":
+                manifest["universal"] = {"path": rel(ref.path), "metrics": summary}
+            elif ref.part == "domain":
+                manifest["domains"][ref.domain] = {"path": rel(ref.path), "metrics": summary,
+                                                   "data_sha256": manifest["_train_sha"][ref.domain]}
+            else:
+                hp = task.hparams
+                manifest["router"] = {"path": rel(ref.path), "routed": self._routed(task.domains), "hyperparameters": {
+                    "top_k": self.run.config.experts.top_k, "temperature": self.run.config.experts.temperature,
+                    "aux_loss_coef": hp["aux_loss_coef"], "lr": hp["lr"], "steps": hp["steps"],
+                    "batch_size": hp["batch_size"], "data_weights": task.data_weights}, "metrics": summary}
+        if self.run.config.method == "lora":  # one LoRA, no domain experts: the domains are its data
+            for domain in task.domains:
+                manifest["domains"][domain] = {"path": None, "metrics": {},
+                                               "data_sha256": manifest["_train_sha"][domain]}
+        order = [d for d in self.run.domains if d in manifest["domains"]]  # router order, not finishing order
+        manifest["domains"] = {d: manifest["domains"][d] for d in order + sorted(set(manifest["domains"]) - set(order))}
+        manifest["ledger"].append(record)
+        manifest["stages"][task.key].update(done=True, finished_at=time.time(), event=self.event)
+        self._save()
+
+    def _routed(self, domains: list[str]) -> list[str]:
+        return (["universal"] if self.run.config.method == "modula_flan" else []) + list(domains)
+
+    def _save(self) -> None:
+        public = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
+        write_manifest(self.run.run_dir, public)
+
+
+def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
+    """Every worker group the plan will ask for: ``(stage key, ScalingSpec)``."""
+    groups = []
+    for stage in config.plan:
+        domains = config.domains if stage == "experts" else [None]
+        groups += [(f"experts/{d}" if d else stage, config.stage(stage, d).scaling) for d in domains]
+    return groups
+
+
+def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, command: str = "") -> dict:
+    """Run every stage of ``config.method`` into ``run_dir``; returns the manifest."""
+    connect_ray()
+    for name, spec in plan_groups(config):  # fail fast, before data or models are touched
+        check_groups([(name, spec)])
+    run, manifest = open_run(config, run_dir, command=command or "modula-ray train")
+    runner = Runner(run, manifest, force=force, event="pipeline")
+    for stage in config.plan:
+        print(f"== stage {stage} ==", flush=True)
+        if stage == "universal":
+            runner.fit([universal_task(run)])
+        elif stage == "experts":
+            runner.fit([expert_task(run, d) for d in run.domains])
+        elif stage == "router":
+            runner.fit([router_task(run)])
+        else:
+            runner.fit([joint_task(run)])
+    return read_manifest(run.run_dir)
+
+
+def add_domain(name: str, run_dir, *, force: bool = False, command: str = "") -> dict:
+    """Plug domain ``name`` into a finished run: modula trains one expert and the router; the
+    baselines retrain their joint stage (their honest cost). Other experts stay byte-identical."""
+    run_dir = Path(run_dir).resolve()
+    manifest = read_manifest(run_dir)
+    config = load_config(PipelineConfig, run_dir / CONFIG_FILE)
+    if name in config.domains and not force:
+        raise ConfigError("domain", f"{name!r} is already in the composition {config.domains}")
+    config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
+    command = command or f"modula-ray add-domain {name} --run {run_dir}"
+    connect_ray()
+    run, manifest = open_run(config, run_dir, command=command, write_config=False)
+    runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
+    if config.method in ("modula_flan", "modula_res"):
+        runner.fit([expert_task(run, name)])
+        runner.fit([router_task(run)])
+    else:
+        runner.fit([joint_task(run)])
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config, command))  # only once it succeeded
+    return read_manifest(run_dir)
+
+
+def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = None, *, force: bool = False,
+              command: str = "") -> dict:
+    """One stage alone (``jobs/train_stage.py``); its inputs must already be in the run folder."""
+    connect_ray()
+    run, manifest = open_run(config, run_dir, command=command or "modula-ray stage")
+    builders = {"universal": lambda: [universal_task(run)], "router": lambda: [router_task(run)],
+                "joint": lambda: [joint_task(run)],
+                "experts": lambda: [expert_task(run, d) for d in ([domain] if domain else run.domains)]}
+    if stage not in builders or stage not in config.plan:
+        raise ConfigError("stage", f"{stage!r} is not a stage of {config.method} ({config.plan})")
+    Runner(run, manifest, force=force, event="pipeline").fit(builders[stage]())
+    return read_manifest(run.run_dir)
