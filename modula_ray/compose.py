@@ -79,3 +79,39 @@ def load_composition(run_dir, *, dtype: str = "float32"):
                                    manifest["experts"], load=composition_parts(run_dir, manifest), stage=stage,
                                    dtype=dtype)
     return model.eval(), tokenizer
+
+
+def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8) -> dict[str, dict[str, float]]:
+    """Mean gate per routed expert over ``rows`` prompts of each domain (the composition's
+    domains and the general one): does the router send math to the math expert?"""
+    import torch
+
+    from .data.build import load_manifest, split_file
+    from .data.formatting import prompt_ids
+    from .data.schema import read_split
+    from .experts import routing_weights
+
+    manifest = read_manifest(run_dir)
+    if not manifest["router"]:
+        return {}
+    model, tokenizer = load_composition(run_dir)
+    data_dir = manifest["data"]["dir"]
+    domains = [d for d in list(manifest["domains"]) + ["general"] if d in load_manifest(data_dir)["domains"]]
+    table = {}
+    with torch.no_grad():
+        for domain in domains:
+            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
+            sums: dict[str, float] = {}
+            for prompt in prompts:
+                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                for expert, weight in routing_weights(model).items():
+                    sums[expert] = sums.get(expert, 0.0) + weight / len(prompts)
+            table[domain] = sums
+    return table
+
+
+def format_routing(table: dict[str, dict[str, float]]) -> str:
+    experts = list(next(iter(table.values())))
+    lines = [f"{'prompts from':<14}" + "".join(f"{e:>11}" for e in experts)]
+    lines += [f"{domain:<14}" + "".join(f"{row[e]:>11.3f}" for e in experts) for domain, row in table.items()]
+    return "\n".join(lines)

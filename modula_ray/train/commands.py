@@ -29,6 +29,11 @@ def cmd_train(args) -> int:
 
     config = _config(args)  # every config error surfaces here, before any Ray work
     _print_manifest(run_pipeline(config, args.out, force=args.force, command=args.command or _command_line()))
+    if args.routing_report:
+        from ..compose import format_routing, routing_by_domain
+
+        print(f"\nmean routing weight per expert, {args.routing_report} validation prompts per domain:")
+        print(format_routing(routing_by_domain(args.out, rows=args.routing_report)))
     return 0
 
 
@@ -97,6 +102,8 @@ def add_parser(commands) -> None:
                                             "stage (lora, molora) on Ray Train.")
     _common(train)
     train.add_argument("--out", required=True, help="run folder (manifest.json, parts, tensorboard/, ray/)")
+    train.add_argument("--routing-report", type=int, default=0, metavar="N",
+                       help="afterwards, print the mean gates on N validation prompts of each domain")
     train.set_defaults(func=cmd_train)
 
     stage = commands.add_parser("stage", help="run one stage of a pipeline config",
