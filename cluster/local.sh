@@ -20,7 +20,9 @@ GCS_PORT="${GCS_PORT:-6390}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 HEAD_CPUS="${HEAD_CPUS:-2}"
 WORKER_CPUS="${WORKER_CPUS:-2}"
-RAY_TEMP="${RAY_TEMP:-/tmp/modula-ray-$GCS_PORT}"  # short: Ray's unix socket paths must stay under 108 bytes
+# One temp dir per node: two nodes sharing one would unpack job packages into the same folder and
+# race each other. Kept short: Ray's unix socket paths must stay under 108 bytes.
+RAY_TEMP="${RAY_TEMP:-/tmp/modula-ray-$GCS_PORT}"
 
 export PATH="$ROOT/.venv/bin:$PATH"  # job entrypoints' `python` is the .venv one
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
@@ -43,7 +45,7 @@ up() {
     --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true --num-cpus="$HEAD_CPUS" \
     --resources='{"pool_head": 4}' --labels="pool=head" --temp-dir="$RAY_TEMP" --disable-usage-stats
   start_node worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
-    --resources='{"pool_worker": 4}' --labels="pool=worker" --disable-usage-stats
+    --resources='{"pool_worker": 4}' --labels="pool=worker" --temp-dir="$RAY_TEMP-w" --disable-usage-stats
   for _ in $(seq 1 60); do  # bounded wait for the job server
     if "$ROOT/.venv/bin/python" - "$DASHBOARD_PORT" "$RAY_AUTH_TOKEN_PATH" <<'PY' 2>/dev/null; then break; fi
 import sys, urllib.request

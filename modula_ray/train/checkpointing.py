@@ -1,8 +1,8 @@
-"""Exact resume: trainable weights, optimizer, scheduler, step, counters and every rank's RNG.
+"""Exact resume: trainable weights, optimizer, scheduler, step, and every rank's RNG and counters.
 
-Rank 0 writes ``state.pt``; every rank writes ``rng_rank<r>.pt`` into its own folder; Ray
-Train merges the folders of one report into one checkpoint. With DeepSpeed the engine
-writes its own (sharded) files under ``deepspeed/`` on every rank.
+Rank 0 writes ``state.pt``; every rank writes ``rank<r>.pt`` (RNG state, token counters) into its
+own folder; Ray Train merges the folders of one report into one checkpoint. With DeepSpeed the
+engine writes its own (sharded) weights and optimizer under ``deepspeed/`` on every rank.
 """
 from __future__ import annotations
 
@@ -31,20 +31,21 @@ def set_rng_state(state: dict) -> None:
 def write(folder: Path, *, rank: int, step: int, counters: dict, params: dict[str, torch.Tensor],
           optimizer=None, scheduler=None, engine=None) -> None:
     """Write this rank's share of the checkpoint of ``step`` into ``folder``."""
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    torch.save({"rng": rng_state(), "counters": dict(counters)}, folder / f"rank{rank}.pt")
     if engine is not None:  # DeepSpeed: every rank saves its partition
         engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
     if rank == 0:
-        torch.save({"step": step, "counters": counters,
-                    "params": {k: v.detach().cpu().clone() for k, v in params.items()} if engine is None else {},
-                    "optimizer": optimizer.state_dict() if optimizer is not None and engine is None else None,
-                    "scheduler": scheduler.state_dict() if scheduler is not None and engine is None else None},
+        plain = engine is None
+        torch.save({"step": step,
+                    "params": {k: v.detach().cpu().clone() for k, v in params.items()} if plain else {},
+                    "optimizer": optimizer.state_dict() if plain else None,
+                    "scheduler": scheduler.state_dict() if plain else None},
                    folder / STATE_FILE)
 
 
 def restore(folder: Path, *, rank: int, params: dict[str, torch.Tensor], optimizer=None, scheduler=None,
             engine=None) -> tuple[int, dict]:
-    """Load a checkpoint written by ``write``; returns ``(step, counters)``."""
+    """Load a checkpoint written by ``write``; returns ``(step, this rank's counters)``."""
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     if engine is not None:  # the engine restores weights (possibly partitioned), optimizer and scheduler
         engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
@@ -54,7 +55,6 @@ def restore(folder: Path, *, rank: int, params: dict[str, torch.Tensor], optimiz
                 tensor.copy_(state["params"][name])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    rng_file = folder / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return state["step"], state["counters"]
+    own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+    set_rng_state(own["rng"])
+    return state["step"], own["counters"]

@@ -17,7 +17,9 @@ from ..models import cache_dir
 from .ledger import make_record
 from .task import StageTask
 
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 otherwise logs every worker print() twice.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_env() -> dict:

@@ -75,6 +75,9 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker helps nobody
     task = StageTask.from_dict(config["task"])
     hp = task.hparams
     context = ray.train.get_context()
@@ -101,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
     n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
     engine = make_engine(model, params, hp, world, task.dtype)
 
-    step, counters = 0, {"tokens": 0, "response_tokens": 0}
+    step, counters = 0, {"tokens": 0, "response_tokens": 0, "loss": float("nan")}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -111,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[{task.key}] resumed from step {step}", flush=True)
 
-    observer, total, metrics = Observer(task, rank), hp["steps"], {"loss": float("nan")}
+    observer, total = Observer(task, rank), hp["steps"]
     window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
     while step < total:
         for micro in range(hp["grad_accum"]):
@@ -138,6 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "loss": loss / world, "aux": aux / world, "lr": engine.lr(),
                    "tokens_per_s": tokens / max(elapsed, 1e-9)}
         observer.log(step, total, metrics)
+        counters["loss"] = metrics["loss"]
         window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
         if save_now and step < total:
             with tempfile.TemporaryDirectory() as folder:
@@ -154,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokens, response_tokens = _all_reduce([counters["tokens"], counters["response_tokens"]], "SUM", world, device)
     peak = _all_reduce([_peak_memory_mb(device)], "MAX", world, device)[0]
     observer.close()
-    final = {"step": step, "loss": metrics["loss"], "tokens": int(tokens), "response_tokens": int(response_tokens),
+    final = {"step": step, "loss": counters["loss"], "tokens": int(tokens), "response_tokens": int(response_tokens),
              "trainable_params": n_trainable, "total_params": n_total, "peak_mem_mb": round(peak, 1),
              "examples": len(examples), "truncated": stats.truncated, "dropped": stats.dropped,
              "nodes": _node_ids(world), "done": True}

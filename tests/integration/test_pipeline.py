@@ -148,3 +148,14 @@ def test_molora_add_domain_retrains_all_and_cost_compares(added, ray_local, tmp_
     text = subprocess.run([sys.executable, "-m", "modula_ray.cli", "cost", str(modula_dir), "--against",
                            str(molora_dir)], capture_output=True, text=True, timeout=120).stdout
     assert "pluggability (params x tokens) ratio" in text and "worker-second ratio" in text
+
+
+def test_lora_baseline_is_one_joint_stage(ray_local, tmp_path):
+    manifest = run_pipeline(load_config(PipelineConfig, TINY, ["method=lora"]), tmp_path / "lora")
+    assert [(r["stage"], r["domain"], r["event"]) for r in manifest["ledger"]] == [("joint", None, "pipeline")]
+    assert manifest["universal"]["path"] == "universal" and manifest["router"] is None
+    assert list(manifest["domains"]) == ["math", "code"]
+    assert all(entry["path"] is None and len(entry["data_sha256"]) == 64 for entry in manifest["domains"].values())
+    assert manifest["ledger"][0]["trainable_params"] == 16384  # rank 8 on all 7 projections of 2 blocks
+    model, tokenizer = load_composition(tmp_path / "lora")
+    assert routing_weights(model(tokenizer("12 + 3", return_tensors="pt").input_ids) and model) == {}
