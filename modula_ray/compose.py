@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -16,10 +17,19 @@ SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("method", "base_model", "domains", "universal", "router", "ledger")
 
 
+@dataclass
+class PartRef:
+    """One saved part of a composition: what it is and where its folder lies."""
+
+    part: str                  # universal | domain | router
+    path: str                  # absolute folder
+    domain: str | None = None
+
+
 def build_model(base_model: str, method: str, domains: list[str], experts: dict, *, load=(), stage: str = "router",
                 dtype: str = "float32"):
     """``(model, tokenizer)``: ``experts`` holds target_modules and the layer kwargs; ``load`` lists
-    ``PartRef``-like objects (``part``, ``path``, ``domain``)."""
+    the ``PartRef``s to load, in order."""
     import torch
 
     from .experts import inject, load_part, set_stage
@@ -50,19 +60,17 @@ def write_manifest(run_dir, manifest: dict) -> None:
     atomic_write_json(Path(run_dir) / MANIFEST, manifest, sort_keys=False)
 
 
-def composition_parts(run_dir, manifest: dict) -> list:
-    """Every saved part of the composition, as PartRef-like objects in load order."""
-    from types import SimpleNamespace as Ref
-
+def composition_parts(run_dir, manifest: dict) -> list[PartRef]:
+    """Every saved part of the composition, in load order."""
     run_dir = Path(run_dir)
     parts = []
     if manifest["universal"]:
-        parts.append(Ref(part="universal", path=str(run_dir / manifest["universal"]["path"]), domain=None))
+        parts.append(PartRef("universal", str(run_dir / manifest["universal"]["path"])))
     for name, entry in manifest["domains"].items():
         if entry.get("path"):
-            parts.append(Ref(part="domain", path=str(run_dir / entry["path"]), domain=name))
+            parts.append(PartRef("domain", str(run_dir / entry["path"]), name))
     if manifest["router"]:
-        parts.append(Ref(part="router", path=str(run_dir / manifest["router"]["path"]), domain=None))
+        parts.append(PartRef("router", str(run_dir / manifest["router"]["path"])))
     return parts
 
 

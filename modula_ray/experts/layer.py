@@ -76,7 +76,6 @@ class ExpertLinear(nn.Module):
         self.domain = StackedExperts(n_domains, d_read, d_out, domain_rank, **kw) if "domain" in self.parts else None
         self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
                        if "router" in self.parts else None)
-        self.stage = "joint"
         self.set_stage("joint")
 
     # -- subclasses -------------------------------------------------------------------

@@ -3,12 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass
-class PartRef:
-    part: str                  # universal | domain | router
-    path: str                  # absolute folder
-    domain: str | None = None
+from ..compose import PartRef
 
 
 @dataclass
