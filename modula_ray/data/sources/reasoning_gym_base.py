@@ -15,6 +15,21 @@ from . import Quota, Source, derive_seed, make_row
 MAX_ROUNDS = 12
 
 
+@contextlib.contextmanager
+def scratch_cwd():
+    """Run the block in a fresh temporary working directory, then restore the old one."""
+    import os
+    import tempfile
+
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="modula-ray-generator-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield scratch
+        finally:
+            os.chdir(previous)
+
+
 class ReasoningGymSource(Source):
     generators: tuple[str, ...] = ()
     max_prompt_chars: int = 1200
@@ -26,7 +41,9 @@ class ReasoningGymSource(Source):
 
         sink = io.StringIO()  # some generators print progress dots and warnings to stdout/stderr
         entries = []
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        # codeio runs its reference programs, and some write files (CSV, TXT) into the working
+        # directory: give them a scratch one, so a build never litters the repo or a job's upload.
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), scratch_cwd():
             dataset = reasoning_gym.create_dataset(name, size=size, seed=seed)
             for i in range(size):
                 try:
