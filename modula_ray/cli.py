@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module adds its subcommands with ``add_parser(commands)`` and imports heavy things lazily.
-COMMAND_MODULES = ["modula_ray.data.commands", "modula_ray.train.commands"]
+COMMAND_MODULES = ["modula_ray.data.commands", "modula_ray.train.commands", "modula_ray.evaluation.commands"]
 
 
 def _cmd_base_model(args) -> int:
@@ -20,7 +20,7 @@ def _cmd_base_model(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modula-ray", description="Mixtures of LoRA experts on Ray: "
-                                     "MoDULA (universal + domain experts + router) and MoDE.")
+                                     "MoDULA (universal + domain experts + router), trained in stages on Ray Train.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     base = commands.add_parser("base-model", help="materialise a base model into the cache; print its folder",
                                description="Materialise a registered base model (offline) and print its folder.")

@@ -3,6 +3,7 @@
 ``build_model``       base + injected experts + loaded parts, set to a stage.
 ``load_composition``  the finished mixture of a run folder, ready for generation.
 ``read_manifest`` / ``write_manifest``  atomic JSON with the schema checked on read.
+``check_lineage`` / ``check_base``  every expert was trained over this universal, on this base.
 """
 from __future__ import annotations
 
@@ -74,52 +75,63 @@ def composition_parts(run_dir, manifest: dict) -> list[PartRef]:
     return parts
 
 
+def part_sha256(folder) -> str:
+    """The recorded sha256 of a saved part's tensor file (checked again when the part loads)."""
+    config = read_json(Path(folder) / "config.json")
+    if not isinstance(config, dict) or not config.get("sha256"):
+        raise ArtifactError(Path(folder) / "config.json", "records no sha256: not a saved part")
+    return config["sha256"]
+
+
+def check_lineage(parts: list[PartRef]) -> None:
+    """Every domain expert must have been trained over the universal expert it is composed with.
+
+    Stage 2 records ``metadata.universal_sha256`` in each expert's config.json; a mismatch means
+    the universal was retrained (or swapped) after the expert, and the mixture would be wrong."""
+    universal = next((ref for ref in parts if ref.part == "universal"), None)
+    if universal is None:
+        return
+    current = part_sha256(universal.path)
+    for ref in parts:
+        if ref.part != "domain":
+            continue
+        file = Path(ref.path) / "config.json"
+        trained_over = (read_json(file).get("metadata") or {}).get("universal_sha256")
+        if trained_over != current:
+            raise ArtifactError(file, f"expert {ref.domain!r} was trained over the universal expert with sha256 "
+                                      f"{str(trained_over)[:12]}..., but {universal.path} has sha256 "
+                                      f"{current[:12]}...: retrain the expert over this universal, or restore "
+                                      f"the universal it was trained over")
+
+
+def check_base(run_dir, manifest: dict) -> str:
+    """The base model folder, after checking its fingerprint against the manifest's."""
+    from .models import fingerprint
+
+    folder = manifest["base_model"]["path"]
+    if not (Path(folder) / "config.json").is_file():
+        raise ArtifactError(Path(run_dir) / MANIFEST, f"base model folder {folder} is missing")
+    actual, recorded = fingerprint(folder), manifest["base_model"]["sha256"]
+    if actual != recorded:
+        raise ArtifactError(Path(run_dir) / MANIFEST, f"base model {folder} has sha256 {actual[:12]}..., the "
+                                                      f"composition was trained on {recorded[:12]}...")
+    return folder
+
+
 def load_composition(run_dir, *, dtype: str = "float32"):
-    """``(model, tokenizer)`` of a finished run: the full mixture, in eval mode."""
+    """``(model, tokenizer)`` of a finished run: the full mixture (the method's inference stage),
+    in eval mode, after checking the base model's and every expert's lineage."""
+    from .experts import method_class
+
     manifest = read_manifest(run_dir)
     domains = list(manifest["domains"])
     router = manifest["router"]
     if router and [d for d in router["routed"] if d != "universal"] != domains:
         raise ArtifactError(Path(run_dir) / MANIFEST, f"router was trained for {router['routed']}, the composition "
                                                       f"holds {domains}: retrain the router")
-    stage = "universal" if manifest["method"] == "lora" else "router"
-    model, tokenizer = build_model(manifest["base_model"]["path"], manifest["method"], domains,
-                                   manifest["experts"], load=composition_parts(run_dir, manifest), stage=stage,
-                                   dtype=dtype)
+    parts = composition_parts(run_dir, manifest)
+    check_lineage(parts)
+    base = check_base(run_dir, manifest)
+    model, tokenizer = build_model(base, manifest["method"], domains, manifest["experts"], load=parts,
+                                   stage=method_class(manifest["method"]).inference_stage, dtype=dtype)
     return model.eval(), tokenizer
-
-
-def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8) -> dict[str, dict[str, float]]:
-    """Mean gate per routed expert over ``rows`` prompts of each domain (the composition's
-    domains and the general one): does the router send math to the math expert?"""
-    import torch
-
-    from .data.build import load_manifest, split_file
-    from .data.formatting import prompt_ids
-    from .data.schema import read_split
-    from .experts import routing_weights
-
-    manifest = read_manifest(run_dir)
-    if not manifest["router"]:
-        return {}
-    model, tokenizer = load_composition(run_dir)
-    data_dir = manifest["data"]["dir"]
-    domains = [d for d in list(manifest["domains"]) + ["general"] if d in load_manifest(data_dir)["domains"]]
-    table = {}
-    with torch.no_grad():
-        for domain in domains:
-            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
-            sums: dict[str, float] = {}
-            for prompt in prompts:
-                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
-                for expert, weight in routing_weights(model).items():
-                    sums[expert] = sums.get(expert, 0.0) + weight / len(prompts)
-            table[domain] = sums
-    return table
-
-
-def format_routing(table: dict[str, dict[str, float]]) -> str:
-    experts = list(next(iter(table.values())))
-    lines = [f"{'prompts from':<14}" + "".join(f"{e:>11}" for e in experts)]
-    lines += [f"{domain:<14}" + "".join(f"{row[e]:>11.3f}" for e in experts) for domain, row in table.items()]
-    return "\n".join(lines)

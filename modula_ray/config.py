@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .experts.inject import DEFAULT_TARGETS
+from .experts import DEFAULT_TARGETS, method_class
 
 
 def _type_name(hint) -> str:
@@ -236,15 +236,11 @@ class DataConfig:
         require(self.max_length >= 16, "max_length", f"must be >= 16, got {self.max_length}")
 
 
-STAGE_PLANS = {"modula_flan": ("universal", "experts", "router"), "modula_res": ("universal", "experts", "router"),
-               "lora": ("joint",), "molora": ("joint",)}
-
-
 @dataclass
 class PipelineConfig:
     """A whole composition: ``python jobs/pipeline.py --config CFG --out RUN_DIR``."""
 
-    method: str = "modula_res"               # lora | molora | modula_flan | modula_res
+    method: str = "modula_res"               # a registered method: lora | molora | modula_flan | modula_res
     base_model: str = "tiny-llama"           # registered name or HF folder
     domains: list[str] = field(default_factory=lambda: ["math", "code"])
     seed: int = 0
@@ -258,12 +254,11 @@ class PipelineConfig:
     def __post_init__(self):
         from .data.sources import SOURCES
 
-        require(self.method in STAGE_PLANS, "method", f"unknown method {self.method!r}; "
-                                                      f"choose one of {sorted(STAGE_PLANS)}")
+        method_class(self.method)  # ConfigError naming the field, with "did you mean"
         require(bool(self.domains), "domains", "name at least one domain")
         require(len(set(self.domains)) == len(self.domains), "domains", f"duplicates in {self.domains}")
         for name in self.domains + [self.data.general_domain] + list(self.stages.experts.domains):
-            require(name in SOURCES, "domains", f"unknown domain {name!r}; known: {sorted(SOURCES)}")
+            SOURCES.get(name, field="domains")
         require(self.data.general_domain not in self.domains, "data.general_domain",
                 f"{self.data.general_domain!r} trains the universal expert; it cannot also be a domain")
         require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", f"unknown dtype {self.dtype!r}")
@@ -272,8 +267,12 @@ class PipelineConfig:
             self.stage("experts", domain)  # validates each override now, before any Ray work
 
     @property
+    def method_class(self):
+        return method_class(self.method)
+
+    @property
     def plan(self) -> tuple[str, ...]:
-        return STAGE_PLANS[self.method]
+        return self.method_class.stage_plan
 
     def stage(self, name: str, domain: str | None = None) -> StageConfig:
         """The stage's settings; for stage 2, with ``domain``'s overrides merged in."""

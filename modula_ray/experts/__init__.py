@@ -1,4 +1,5 @@
-"""Mixture-of-LoRA-experts layers: ``lora``, ``molora``, ``modula_flan``, ``modula_res``.
+"""Mixture-of-LoRA-experts layers; one file per method in ``methods/`` (``lora``, ``molora``,
+``modula_flan``, ``modula_res``), each registered in ``METHODS``.
 
 Public API::
 
@@ -8,17 +9,18 @@ Public API::
     stack_experts(layers_or_models)             n single-expert -> one n-expert
     save_part / load_part / export_peft         artifacts (DESIGN §2)
 """
-from .inject import (DEFAULT_TARGETS, ExpertSpec, expert_layers, inject, load_balancing_loss, routing_weights,
-                     set_stage, spec_of, trainable_parameters)
-from .layer import STAGES, ExpertLinear
+from . import methods  # noqa: F401  (registers every method in METHODS)
+from .inject import (DEFAULT_TARGETS, ExpertSpec, expert_layers, forward_parameter_count, inject,
+                     load_balancing_loss, routing_weights, set_stage, spec_of, trainable_parameters)
+from .layer import METHODS, STAGES, ExpertLinear, method_class, wrap_linear
 from .peft_export import export_peft
 from .reference import reference_forward
-from .registry import METHODS, register_method, wrap_linear
 from .serialization import load_part, read_part, save_part
 from .stacking import stack_experts
 
 __all__ = [
-    "DEFAULT_TARGETS", "ExpertLinear", "ExpertSpec", "METHODS", "STAGES", "expert_layers", "export_peft", "inject",
-    "load_balancing_loss", "load_part", "read_part", "reference_forward", "register_method", "routing_weights",
-    "save_part", "set_stage", "spec_of", "stack_experts", "trainable_parameters", "wrap_linear",
+    "DEFAULT_TARGETS", "ExpertLinear", "ExpertSpec", "METHODS", "STAGES", "expert_layers", "export_peft",
+    "forward_parameter_count", "inject", "load_balancing_loss", "load_part", "method_class", "read_part",
+    "reference_forward", "routing_weights", "save_part", "set_stage", "spec_of", "stack_experts",
+    "trainable_parameters", "wrap_linear",
 ]

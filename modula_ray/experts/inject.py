@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .layer import STAGES, ExpertLinear
-from .registry import method_class, wrap_linear
+from .layer import STAGES, ExpertLinear, method_class, wrap_linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,9 +25,13 @@ class ExpertSpec:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     layer_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def method_class(self) -> type[ExpertLinear]:
+        return method_class(self.method)
+
     def routed_names(self) -> list[str]:
-        """Router output order: flan puts the universal expert first."""
-        return (["universal"] if self.method == "modula_flan" else []) + list(self.domains)
+        """Router output order, as the method defines it (flan puts the universal expert first)."""
+        return self.method_class.routed_names(self.domains)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +106,20 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def forward_parameter_count(model: nn.Module) -> int:
+    """Parameters that take part in the forward at the current stage: every parameter (a tied
+    embedding counted once, as the output head) minus the expert parts the stage leaves out,
+    minus an untied input embedding (a lookup, not a matmul)."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in expert_layers(model).values():
+        for part in set(layer.parts) - set(layer.active_parts()):
+            total -= sum(t.numel() for t in getattr(layer, part).parameters())
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and (head is None or head.weight is not embeddings.weight):
+        total -= embeddings.weight.numel()
+    return total
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,7 +1,19 @@
-"""``ExpertLinear``: a frozen ``nn.Linear`` plus low-rank experts, ``y = W0 x + delta(x)``.
+"""``ExpertLinear``: a frozen ``nn.Linear`` plus experts, ``y = W0 x + delta(x)``, and the method contract.
 
-Each method (one file each) subclasses it and writes ``delta``. The stage decides
-which parts take part in the forward and which train (DESIGN §1):
+Each method is one file in ``methods/`` that subclasses ``ExpertLinear``, registers itself in
+``METHODS`` and carries everything the rest of the code asks about it:
+
+``delta(x)``          its maths, stacked (one matmul over all experts)
+``reference(x)``      the same maths as a plain per-expert loop (tests hold ``delta`` to it)
+``stage_plan``        the pipeline's stages, in order
+``add_domain_plan``   the stages re-run to plug in one more domain
+``routed_names``      router output order over ``universal`` and the domains
+``inference_stage``   the stage a finished composition is loaded in
+``domain_reads``      what a domain expert reads: ``x`` (d_in) or ``h`` (d_out, res)
+``peft_parts``        parts that are plain LoRA pairs and export to PEFT
+``part_tensors``      which tensors a saved part holds (domain tensors have the expert axis first)
+
+The stage decides which parts take part in the forward and which train (DESIGN §1):
 
 =========  ==========================  =====================================
 stage      trainable                   forward
@@ -20,12 +32,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..registry import Registry
 from .parts import LowRankExpert, StackedExperts
 from .router import Router
 
 STAGES = ("universal", "experts", "router", "joint")
 PARTS = ("universal", "domain", "router")
 STAGE_TRAINS = {"universal": ("universal",), "experts": ("domain",), "router": ("router",), "joint": PARTS}
+METHODS = Registry("method", "method")
 
 
 def _positive(field: str, value, kinds=(int,)) -> None:
@@ -35,9 +49,14 @@ def _positive(field: str, value, kinds=(int,)) -> None:
 
 class ExpertLinear(nn.Module):
     method: ClassVar[str]
-    parts: ClassVar[tuple[str, ...]]          # which of universal / domain / router exist
-    stages: ClassVar[tuple[str, ...]]         # stages this method can be set to
-    domain_reads_h: ClassVar[bool] = False    # res: A_i reads h (d_out), not x (d_in)
+    parts: ClassVar[tuple[str, ...]]             # which of universal / domain / router exist
+    stages: ClassVar[tuple[str, ...]]            # stages this method can be set to
+    stage_plan: ClassVar[tuple[str, ...]]        # pipeline stages, in order
+    add_domain_plan: ClassVar[tuple[str, ...]]   # stages re-run by add-domain
+    inference_stage: ClassVar[str] = "router"
+    domain_reads: ClassVar[str] = "x"            # res: A_i reads h (d_out), not x (d_in)
+    universal_routed: ClassVar[bool] = False     # flan: the universal expert is router index 0
+    peft_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Linear, n_domains: int, *, universal_rank: int = 16, domain_rank: int = 8,
                  universal_alpha: float = 32, domain_alpha: float = 16, top_k: int | None = None,
@@ -53,7 +72,7 @@ class ExpertLinear(nn.Module):
         _positive("temperature", temperature, (int, float))
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        n_routed = self.n_routed_for(n_domains)
+        n_routed = len(self.routed_names(range(n_domains)))
         if top_k is not None:
             if "router" not in self.parts:
                 raise ValueError(f"top_k: method {self.method!r} has no router")
@@ -72,19 +91,80 @@ class ExpertLinear(nn.Module):
         d_in, d_out = base.in_features, base.out_features
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.universal = LowRankExpert(d_in, d_out, universal_rank, **kw) if "universal" in self.parts else None
-        d_read = d_out if self.domain_reads_h else d_in
+        d_read = d_out if self.domain_reads == "h" else d_in
         self.domain = StackedExperts(n_domains, d_read, d_out, domain_rank, **kw) if "domain" in self.parts else None
         self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
                        if "router" in self.parts else None)
         self.set_stage("joint")
 
-    # -- subclasses -------------------------------------------------------------------
+    # -- the contract: subclasses ----------------------------------------------------
     @classmethod
-    def n_routed_for(cls, n_domains: int) -> int:
-        return n_domains
+    def routed_names(cls, domains) -> list:
+        """Router output order: ``universal`` first when it is routed (flan), then the domains."""
+        return (["universal"] if cls.universal_routed else []) + list(domains)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``y`` computed expert by expert from the named parameters (see ``reference.py``)."""
+        raise NotImplementedError
+
+    def active_parts(self) -> tuple[str, ...]:
+        """Parts that take part in the forward at the current stage (for FLOP counts)."""
+        if self.stage == "universal":
+            return ("universal",)
+        return tuple(p for p in self.parts if p != "router" or self.mixing)
+
+    def part_tensors(self, part: str, index: int | None = None) -> dict[str, torch.Tensor]:
+        """The live tensors of ``part`` by parameter name; ``index`` picks one domain expert."""
+        module = getattr(self, part, None) if part in PARTS else None
+        if module is None:
+            raise ValueError(f"part: method {self.method!r} has no {part!r} part")
+        tensors = dict(module.named_parameters())
+        return {name: t[index] for name, t in tensors.items()} if part == "domain" else tensors
+
+    def part_hparams(self, part: str) -> dict:
+        """Hyperparameters a saved ``part`` must share with the model it loads into."""
+        kw = self.layer_kwargs
+        if part == "universal":
+            return {"rank": kw["universal_rank"], "alpha": kw["universal_alpha"]}
+        if part == "domain":
+            return {"rank": kw["domain_rank"], "alpha": kw["domain_alpha"], "reads": self.domain_reads}
+        return {"top_k": kw["top_k"], "temperature": kw["temperature"], "bias": kw["router_bias"]}
+
+    @classmethod
+    def stack(cls, layers: list["ExpertLinear"], where: str = "layer") -> "ExpertLinear":
+        """n layers with one or more domain experts each -> one layer holding all of them, in order.
+
+        Every domain tensor is concatenated on its leading expert axis; the base and the universal
+        expert must be identical across layers (stage 2 never changes them); the router is new.
+        """
+        first = layers[0]
+        if first.domain is None:
+            raise ValueError(f"{where}: method {first.method!r} has no domain experts to stack")
+        for other in layers[1:]:
+            if type(other) is not type(first):
+                raise ValueError(f"{where}: cannot stack {other.method!r} with {first.method!r}")
+            if other.base.weight.shape != first.base.weight.shape or not torch.equal(other.base.weight,
+                                                                                      first.base.weight):
+                raise ValueError(f"{where}: the frozen base weights differ between the layers to stack")
+            if first.universal is not None:
+                mine, theirs = first.part_tensors("universal"), other.part_tensors("universal")
+                if any(not torch.equal(mine[k], theirs[k]) for k in mine):
+                    raise ValueError(f"{where}: the universal experts differ; stack experts trained over one "
+                                     f"universal")
+            shapes = {k: tuple(t.shape[1:]) for k, t in other.domain.named_parameters()}
+            if shapes != {k: tuple(t.shape[1:]) for k, t in first.domain.named_parameters()}:
+                raise ValueError(f"{where}: domain expert shapes differ ({shapes})")
+        stacked = cls(first.base, sum(layer.n_domains for layer in layers), **first.layer_kwargs)
+        with torch.no_grad():
+            if first.universal is not None:
+                for name, tensor in stacked.part_tensors("universal").items():
+                    tensor.copy_(first.part_tensors("universal")[name])
+            for name, tensor in stacked.domain.named_parameters():
+                tensor.copy_(torch.cat([dict(layer.domain.named_parameters())[name] for layer in layers]))
+        return stacked
 
     # -- shared -----------------------------------------------------------------------
     @property
@@ -121,3 +201,13 @@ class ExpertLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"method={self.method}, n_domains={self.n_domains}, stage={self.stage}, "
                 f"in={self.base.in_features}, out={self.base.out_features}")
+
+
+def method_class(method: str, field: str = "method") -> type[ExpertLinear]:
+    """The registered class of ``method``; unknown names raise ``ConfigError`` with a suggestion."""
+    return METHODS.get(method, field=field)
+
+
+def wrap_linear(base: nn.Linear, method: str, n_domains: int, **layer_kwargs) -> ExpertLinear:
+    """Wrap one frozen linear layer with the experts of ``method`` (see DESIGN §1)."""
+    return method_class(method)(base, n_domains, **layer_kwargs)

@@ -3,7 +3,8 @@
 The universal expert (and flan/molora domain experts, which read ``x``) are plain LoRA
 pairs, so ``peft.PeftModel.from_pretrained(base, folder)`` reproduces them exactly:
 peft computes ``W0 x + (alpha / r) B A x`` with ``lora_A.weight = A``, ``lora_B.weight = B``.
-Res domain experts read ``h`` through a LeakyReLU and have no PEFT equivalent.
+Which parts qualify is the method's ``peft_parts``: res domain experts read ``h`` through a
+LeakyReLU and routers are not adapters, so neither has a PEFT equivalent.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 
 from .inject import spec_of
 from .serialization import part_config, part_tensors
+
+
+PEFT_NAMES = {"A": "lora_A", "B": "lora_B"}
 
 
 def export_peft(model, out_dir, *, part: str = "universal", domain: str | None = None,
@@ -21,15 +25,14 @@ def export_peft(model, out_dir, *, part: str = "universal", domain: str | None =
     from ..fileio import atomic_dir
 
     spec = spec_of(model)
-    if part == "router":
-        raise ValueError("part: a router is not a LoRA adapter")
-    if part == "domain" and spec.method == "modula_res":
-        raise ValueError("part: modula_res domain experts read h through a LeakyReLU; they are not LoRA-shaped")
+    if part not in spec.method_class.peft_parts:
+        raise ValueError(f"part: the {part!r} part of {spec.method!r} is not a LoRA pair (exportable: "
+                         f"{list(spec.method_class.peft_parts)})")
     config = part_config(model, part, domain)
     tensors = {}
     for key, tensor in part_tensors(model, part, domain).items():
         path, name = key.rsplit(".", 1)
-        tensors[f"base_model.model.{path}.lora_{name}.weight"] = tensor.detach().to("cpu").contiguous()
+        tensors[f"base_model.model.{path}.{PEFT_NAMES[name]}.weight"] = tensor.detach().to("cpu").contiguous()
     lora_config = LoraConfig(r=config["rank"], lora_alpha=config["alpha"], target_modules=list(spec.target_modules),
                              lora_dropout=float(spec.layer_kwargs.get("dropout", 0.0)), bias="none", task_type="CAUSAL_LM",
                              base_model_name_or_path=base_model_name_or_path)

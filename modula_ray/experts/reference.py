@@ -1,15 +1,13 @@
-"""Plain reference implementation: one Python loop per expert, straight from the equations.
+"""Plain reference pieces: per-expert loops straight from the equations.
 
-It reads only the named parameters of the layer contract (``universal.A``, ``domain.B``,
-``router.weight`` ...) and exists so tests can hold the stacked fast path to it, for
-outputs and gradients. Never used in training.
+Each method's ``reference(x)`` (in its file under ``methods/``) is built from these. They read
+only the named parameters of the layer contract (``universal.A``, ``domain.B``,
+``router.weight`` ...) and exist so tests can hold the stacked fast path to them, for outputs
+and gradients. Never used in training; dropout is not applied.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from .modula_res import NEGATIVE_SLOPE
 
 
 def reference_gates(x: torch.Tensor, weight: torch.Tensor, bias, top_k, temperature: float) -> torch.Tensor:
@@ -26,47 +24,33 @@ def reference_gates(x: torch.Tensor, weight: torch.Tensor, bias, top_k, temperat
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+class Terms:
+    """The named parameters of one layer as plain functions: ``base(x)``, ``universal(x)``,
+    ``domain(i, v)`` (``s_d B_i A_i v``, the rank activation passed through ``act``), ``gates(x)``."""
+
+    def __init__(self, layer):
+        self.p = dict(layer.named_parameters())
+        kw = layer.layer_kwargs
+        self.kw, self.n, self.stage = kw, layer.n_domains, layer.stage
+        self.s_u = kw["universal_alpha"] / kw["universal_rank"]
+        self.s_d = kw["domain_alpha"] / kw["domain_rank"]
+        self.mixing = layer.stage in ("router", "joint") and "router.weight" in self.p
+
+    def base(self, x):
+        y = x @ self.p["base.weight"].T
+        return y + self.p["base.bias"] if "base.bias" in self.p else y
+
+    def universal(self, x):
+        return self.s_u * ((x @ self.p["universal.A"].T) @ self.p["universal.B"].T)
+
+    def domain(self, i: int, v, act=lambda z: z):
+        return self.s_d * (act(v @ self.p["domain.A"][i].T) @ self.p["domain.B"][i].T)
+
+    def gates(self, x):
+        return reference_gates(x, self.p["router.weight"], self.p.get("router.bias"), self.kw["top_k"],
+                               self.kw["temperature"])
+
+
 def reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``y`` for ``layer`` in its current stage, computed expert by expert (dropout not applied)."""
-    p = dict(layer.named_parameters())
-    kw = layer.layer_kwargs
-    s_u = kw["universal_alpha"] / kw["universal_rank"]
-    s_d = kw["domain_alpha"] / kw["domain_rank"]
-    y = x @ p["base.weight"].T
-    if "base.bias" in p:
-        y = y + p["base.bias"]
-    method, stage, n = layer.method, layer.stage, layer.n_domains
-
-    def universal(v):
-        return s_u * ((v @ p["universal.A"].T) @ p["universal.B"].T)
-
-    def domain(i, v):
-        return s_d * ((v @ p["domain.A"][i].T) @ p["domain.B"][i].T)
-
-    def domain_res(i, h):
-        return s_d * (F.leaky_relu(h @ p["domain.A"][i].T, NEGATIVE_SLOPE) @ p["domain.B"][i].T)
-
-    mixing = stage in ("router", "joint") and "router.weight" in p
-    gates = (reference_gates(x, p["router.weight"], p.get("router.bias"), kw["top_k"], kw["temperature"])
-             if mixing else None)
-
-    if method == "lora" or stage == "universal":
-        return y + universal(x)
-    if method == "molora":
-        for i in range(n):
-            y = y + (gates[..., i:i + 1] if mixing else 1.0) * domain(i, x)
-        return y
-    if method == "modula_flan":
-        if not mixing:
-            return y + domain(0, x)
-        y = y + gates[..., 0:1] * universal(x)
-        for i in range(n):
-            y = y + gates[..., i + 1:i + 2] * domain(i, x)
-        return y
-    if method == "modula_res":
-        h = universal(x)
-        y = y + h
-        for i in range(n):
-            y = y + (gates[..., i:i + 1] if mixing else 1.0) * domain_res(i, h)
-        return y
-    raise ValueError(f"no reference for method {method!r}")
+    """``y`` for ``layer`` in its current stage, computed by its method's per-expert loop."""
+    return layer.reference(x)

@@ -31,40 +31,39 @@ def _domain_index(model, domain: str | None) -> int:
 
 
 def part_tensors(model, part: str, domain: str | None = None) -> dict[str, torch.Tensor]:
-    """The live tensors of ``part`` keyed as in the saved file (views, not copies)."""
+    """The live tensors of ``part`` keyed as in the saved file (views, not copies). Which tensors a
+    part holds is the method's business (``ExpertLinear.part_tensors``); keys are module path + name."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     index = _domain_index(model, domain) if part == "domain" else None
-    tensors = {}
-    for path, layer in expert_layers(model).items():
-        module = getattr(layer, part)
-        if module is None:
-            raise ValueError(f"part: method {layer.method!r} has no {part!r} part")
-        if part == "domain":
-            tensors[f"{path}.A"], tensors[f"{path}.B"] = module.A[index], module.B[index]
-        elif part == "universal":
-            tensors[f"{path}.A"], tensors[f"{path}.B"] = module.A, module.B
-        else:
-            tensors[f"{path}.weight"] = module.weight
-            if module.bias is not None:
-                tensors[f"{path}.bias"] = module.bias
-    return tensors
+    return {f"{path}.{name}": tensor for path, layer in expert_layers(model).items()
+            for name, tensor in layer.part_tensors(part, index).items()}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """One digest of named tensors (names, dtypes, shapes and bytes, in name order): compares live
+    weights with a saved part without trusting either file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def part_config(model, part: str, domain: str | None = None) -> dict:
     """Hyperparameters that must match for the part to load into another model."""
     spec = spec_of(model)
-    kw = next(iter(expert_layers(model).values())).layer_kwargs
+    layer = next(iter(expert_layers(model).values()))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "part": part, "method": spec.method,
               "target_modules": list(spec.target_modules)}
-    if part == "universal":
-        config.update(rank=kw["universal_rank"], alpha=kw["universal_alpha"])
-    elif part == "domain":
-        config.update(domain=domain, rank=kw["domain_rank"], alpha=kw["domain_alpha"],
-                      reads="h" if spec.method == "modula_res" else "x")
-    else:
-        config.update(routed=spec.routed_names(), top_k=kw["top_k"], temperature=kw["temperature"],
-                      bias=kw["router_bias"])
+    if part == "domain":
+        config["domain"] = domain
+    if part == "router":
+        config["routed"] = spec.routed_names()
+    config.update(layer.part_hparams(part))
     return config
 
 

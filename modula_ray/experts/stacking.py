@@ -8,34 +8,12 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from .inject import ExpertSpec, expert_layers, spec_of
 from .layer import ExpertLinear
 
 
 def _stack_layers(layers: list[ExpertLinear], where: str = "layer") -> ExpertLinear:
-    first = layers[0]
-    if first.domain is None:
-        raise ValueError(f"{where}: method {first.method!r} has no domain experts to stack")
-    for other in layers[1:]:
-        if type(other) is not type(first):
-            raise ValueError(f"{where}: cannot stack {other.method!r} with {first.method!r}")
-        if other.base.weight.shape != first.base.weight.shape or not torch.equal(other.base.weight, first.base.weight):
-            raise ValueError(f"{where}: the frozen base weights differ between the layers to stack")
-        if first.universal is not None and not (torch.equal(other.universal.A, first.universal.A)
-                                                and torch.equal(other.universal.B, first.universal.B)):
-            raise ValueError(f"{where}: the universal experts differ; stack experts trained over one universal")
-        if other.domain.rank != first.domain.rank:
-            raise ValueError(f"{where}: domain ranks differ ({other.domain.rank} vs {first.domain.rank})")
-    stacked = type(first)(first.base, sum(layer.n_domains for layer in layers), **first.layer_kwargs)
-    with torch.no_grad():
-        if first.universal is not None:
-            stacked.universal.A.copy_(first.universal.A)
-            stacked.universal.B.copy_(first.universal.B)
-        stacked.domain.A.copy_(torch.cat([layer.domain.A for layer in layers]))
-        stacked.domain.B.copy_(torch.cat([layer.domain.B for layer in layers]))
-    return stacked
+    return type(layers[0]).stack(layers, where=where)
 
 
 def stack_experts(items: list, domains: list[str] | None = None):

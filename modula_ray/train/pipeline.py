@@ -12,29 +12,19 @@ import time
 import uuid
 from pathlib import Path
 
-from ..compose import MANIFEST, SCHEMA_VERSION, read_manifest, write_manifest
+from ..compose import MANIFEST, SCHEMA_VERSION, check_lineage, composition_parts, read_manifest, write_manifest
 from ..config import PipelineConfig, dump_config, load_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..models import base_fingerprint, resolve_base
-from .experts import expert_task
-from .joint import joint_task
 from .launcher import default_storage, fit_concurrently
 from .resources import check_groups
-from .router import router_task
+from .session import connect_ray
+from .stages import STAGE_TASKS
 from .task import RunContext, StageTask
-from .universal import universal_task
 
 DEPENDS = {"router": ("universal", "experts/"), "experts/": ("universal",)}
 CONFIG_FILE = "config.yaml"
-
-
-def connect_ray() -> None:
-    """Join the cluster of ``ray job submit`` (RAY_ADDRESS), or start an in-process one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
 def ensure_data(config: PipelineConfig, data_dir: Path, domains: list[str]) -> dict:
@@ -132,11 +122,12 @@ class Runner:
                                                    "data_sha256": manifest["_train_sha"][ref.domain]}
             else:
                 hp = task.hparams
-                manifest["router"] = {"path": rel(ref.path), "routed": self._routed(task.domains), "hyperparameters": {
+                routed = self.run.config.method_class.routed_names(task.domains)
+                manifest["router"] = {"path": rel(ref.path), "routed": routed, "hyperparameters": {
                     "top_k": self.run.config.experts.top_k, "temperature": self.run.config.experts.temperature,
                     "aux_loss_coef": hp["aux_loss_coef"], "lr": hp["lr"], "steps": hp["steps"],
                     "batch_size": hp["batch_size"], "data_weights": task.data_weights}, "metrics": summary}
-        if self.run.config.method == "lora":  # one LoRA, no domain experts: the domains are its data
+        if "domain" not in self.run.config.method_class.parts:  # e.g. lora: the domains are only its data
             for domain in task.domains:
                 manifest["domains"][domain] = {"path": None, "metrics": {},
                                                "data_sha256": manifest["_train_sha"][domain]}
@@ -145,9 +136,6 @@ class Runner:
         manifest["ledger"].append(record)
         manifest["stages"][task.key].update(done=True, finished_at=time.time(), event=self.event)
         self._save()
-
-    def _routed(self, domains: list[str]) -> list[str]:
-        return (["universal"] if self.run.config.method == "modula_flan" else []) + list(domains)
 
     def _save(self) -> None:
         public = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
@@ -165,42 +153,37 @@ def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
 
 def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, command: str = "") -> dict:
     """Run every stage of ``config.method`` into ``run_dir``; returns the manifest."""
-    connect_ray()
+    connect_ray(run_dir)
     for name, spec in plan_groups(config):  # fail fast, before data or models are touched
         check_groups([(name, spec)])
     run, manifest = open_run(config, run_dir, command=command or "modula-ray train")
     runner = Runner(run, manifest, force=force, event="pipeline")
     for stage in config.plan:
         print(f"== stage {stage} ==", flush=True)
-        if stage == "universal":
-            runner.fit([universal_task(run)])
-        elif stage == "experts":
-            runner.fit([expert_task(run, d) for d in run.domains])
-        elif stage == "router":
-            runner.fit([router_task(run)])
-        else:
-            runner.fit([joint_task(run)])
+        runner.fit(STAGE_TASKS[stage](run, run.domains))
     return read_manifest(run.run_dir)
 
 
-def add_domain(name: str, run_dir, *, force: bool = False, command: str = "") -> dict:
+def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", overrides: list[str] | None = None
+               ) -> dict:
     """Plug domain ``name`` into a finished run: modula trains one expert and the router; the
-    baselines retrain their joint stage (their honest cost). Other experts stay byte-identical."""
+    baselines retrain their joint stage (their honest cost). Other experts stay byte-identical.
+    ``overrides`` (``dotted.key=value``) change the run's config for this and later stages, e.g. the
+    new expert's placement; they are recorded in config.yaml once the domain is in."""
     run_dir = Path(run_dir).resolve()
     manifest = read_manifest(run_dir)
-    config = load_config(PipelineConfig, run_dir / CONFIG_FILE)
+    check_lineage(composition_parts(run_dir, manifest))  # the experts we keep must fit the universal
+    config = load_config(PipelineConfig, run_dir / CONFIG_FILE, overrides)
     if name in config.domains and not force:
         raise ConfigError("domain", f"{name!r} is already in the composition {config.domains}")
     config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
     command = command or f"modula-ray add-domain {name} --run {run_dir}"
-    connect_ray()
+    connect_ray(run_dir)
     run, manifest = open_run(config, run_dir, command=command, write_config=False)
     runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
-    if config.method in ("modula_flan", "modula_res"):
-        runner.fit([expert_task(run, name)])
-        runner.fit([router_task(run)])
-    else:
-        runner.fit([joint_task(run)])
+    for stage in config.method_class.add_domain_plan:
+        print(f"== {name}: stage {stage} ==", flush=True)
+        runner.fit(STAGE_TASKS[stage](run, [name]))
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(config, command))  # only once it succeeded
     return read_manifest(run_dir)
 
@@ -208,12 +191,10 @@ def add_domain(name: str, run_dir, *, force: bool = False, command: str = "") ->
 def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = None, *, force: bool = False,
               command: str = "") -> dict:
     """One stage alone (``jobs/train_stage.py``); its inputs must already be in the run folder."""
-    connect_ray()
-    run, manifest = open_run(config, run_dir, command=command or "modula-ray stage")
-    builders = {"universal": lambda: [universal_task(run)], "router": lambda: [router_task(run)],
-                "joint": lambda: [joint_task(run)],
-                "experts": lambda: [expert_task(run, d) for d in ([domain] if domain else run.domains)]}
-    if stage not in builders or stage not in config.plan:
+    if stage not in config.plan:
         raise ConfigError("stage", f"{stage!r} is not a stage of {config.method} ({config.plan})")
-    Runner(run, manifest, force=force, event="pipeline").fit(builders[stage]())
+    connect_ray(run_dir)
+    run, manifest = open_run(config, run_dir, command=command or "modula-ray stage")
+    tasks = STAGE_TASKS[stage](run, [domain] if domain else run.domains)
+    Runner(run, manifest, force=force, event="pipeline").fit(tasks)
     return read_manifest(run.run_dir)

@@ -26,6 +26,7 @@ class StageTask:
     load: list[PartRef] = field(default_factory=list)
     save: list[PartRef] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    log_to_files: bool = True  # worker stdout/stderr -> RUN_DIR/logs/<slug>.rank<r>.log
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +61,7 @@ class RunContext:
         return str(Path(self.run_dir, *parts))
 
     def task(self, key: str, stage: str, *, domains: list[str], data_domains: list[str], stage_config,
-             load=(), save=(), data_weights=None) -> StageTask:
+             load=(), save=(), data_weights=None, metadata: dict | None = None) -> StageTask:
         from ..config import to_dict
 
         config = self.config
@@ -72,4 +73,5 @@ class RunContext:
             max_length=config.data.max_length, pack=config.data.pack, seed=config.seed,
             data_weights=data_weights if data_weights is not None else stage_config.data_weights,
             load=list(load), save=list(save),
-            metadata={"run_id": self.run_id, "stage": key, "base_model_sha256": self.base_sha256})
+            metadata={"run_id": self.run_id, "stage": key, "base_model_sha256": self.base_sha256,
+                      **(metadata or {})})

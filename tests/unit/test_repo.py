@@ -1,5 +1,6 @@
 """Repository hygiene and the method contract: what ships with `ray job submit --working-dir .`."""
 import ast
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def test_no_stray_files_at_the_repo_root():
     roots = {path.split("/", 1)[0] for path in tracked_files()}
     assert roots <= ROOT_ENTRIES, f"unexpected tracked files at the root: {sorted(roots - ROOT_ENTRIES)}"
     assert {"modula_ray", "jobs", "eval", "cluster", "tests", "pyproject.toml", "README.md"} <= roots
+
+
+def test_method_names_are_spelled_only_in_the_method_files():
+    """Everything outside ``experts/methods/`` asks the registry instead of comparing method names."""
+    offenders = []
+    for path in (ROOT / "modula_ray").rglob("*.py"):
+        if "methods" in path.relative_to(ROOT / "modula_ray").parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"method\s*[!=]=|[!=]=\s*['\"](lora|molora|modula_flan|modula_res|mode)['\"]", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
 
 
 LAYERS = {"experts": {"train", "tune", "serve", "evaluation", "compose", "cli"},

@@ -161,5 +161,5 @@ def test_flan_domain_exports_and_res_domain_refuses(tmp_path):
     torch.testing.assert_close(peft_model(input_ids=ids(tokenizer)).logits, model(ids(tokenizer)).logits,
                                atol=1e-5, rtol=0)
     res, _ = composed("modula_res", domains=["math"])
-    with pytest.raises(ValueError, match="not LoRA-shaped"):
+    with pytest.raises(ValueError, match="not a LoRA pair"):
         export_peft(res, tmp_path / "res", part="domain", domain="math")

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...registry import Registry
 from ..schema import normalise_prompt, stable_hash
 
 
@@ -58,19 +59,12 @@ class Source:
         return []
 
 
-SOURCES: dict[str, type[Source]] = {}
-
-
-def register_source(cls):
-    SOURCES[cls.domain] = cls
-    return cls
+SOURCES = Registry("domain", "domain")
+register_source = SOURCES.register
 
 
 def get_source(domain: str) -> Source:
-    if domain not in SOURCES:
-        from ...errors import ConfigError
-        raise ConfigError("domain", f"unknown domain {domain!r}; known: {sorted(SOURCES)}")
-    return SOURCES[domain]()
+    return SOURCES.get(domain)()
 
 
 for _module in pkgutil.iter_modules(__path__):

@@ -2,21 +2,25 @@
 
 ``y = W0 x + sum_{j in {*, 1..n}} g_j(x) s_j B_j A_j x`` with ``g = softmax(W_R x / tau)`` over
 n + 1 experts; router index 0 is the universal expert. In stage ``experts`` the universal
-expert is inactive (paper eq. 4): ``y = W0 x + s B_1 A_1 x``.
+expert is inactive (paper eq. 4): ``y = W0 x + s B_1 A_1 x``. Three stages; adding a domain
+trains one expert and the router.
 """
-from .layer import ExpertLinear
-from .registry import register_method
+from ..layer import METHODS, ExpertLinear
+from ..reference import Terms
 
 
-@register_method
+@METHODS.register
 class ModulaFlanLinear(ExpertLinear):
     method = "modula_flan"
     parts = ("universal", "domain", "router")
     stages = ("universal", "experts", "router", "joint")
+    stage_plan = ("universal", "experts", "router")
+    add_domain_plan = ("experts", "router")
+    universal_routed = True
+    peft_parts = ("universal", "domain")
 
-    @classmethod
-    def n_routed_for(cls, n_domains: int) -> int:
-        return n_domains + 1
+    def active_parts(self):
+        return ("domain",) if self.stage == "experts" else super().active_parts()
 
     def delta(self, x):
         xd = self.dropout(x)
@@ -28,3 +32,16 @@ class ModulaFlanLinear(ExpertLinear):
         gates = self.router(x)
         universal = self.universal(xd) * (self.universal_scale * gates[..., :1])
         return universal + self.mix_domains(z, gates[..., 1:])
+
+    def reference(self, x):
+        t = Terms(self)
+        y = t.base(x)
+        if self.stage == "universal":
+            return y + t.universal(x)
+        if not t.mixing:
+            return y + t.domain(0, x)
+        gates = t.gates(x)
+        y = y + gates[..., 0:1] * t.universal(x)
+        for i in range(t.n):
+            y = y + gates[..., i + 1:i + 2] * t.domain(i, x)
+        return y

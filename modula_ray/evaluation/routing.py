@@ -1,0 +1,62 @@
+"""The routing table: does the router send math prompts to the math expert?
+
+For each domain of the composition (and the general domain), the mean gate per routed expert
+over ``rows`` prompts of a split, averaged over every router and token of each prompt's
+forward. A uniform router gives ``1 / n_routed`` everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..compose import load_composition, read_manifest
+from ..fileio import atomic_write_json
+
+RESULT_FILE = "routing.json"
+
+
+def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False
+                      ) -> dict[str, dict[str, float]]:
+    """``{prompt domain: {routed expert: mean gate}}``; empty for a method with no router."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data.build import load_manifest, split_file
+    from ..data.formatting import prompt_ids
+    from ..data.schema import read_split
+    from ..experts import routing_weights
+
+    manifest = read_manifest(run_dir)
+    if not manifest["router"]:
+        return {}
+    model, tokenizer = load_composition(run_dir)
+    data_dir = manifest["data"]["dir"]
+    built = load_manifest(data_dir)["domains"]
+    domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
+    table = {}
+    with torch.no_grad():
+        for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
+            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
+            sums: dict[str, float] = {}
+            for prompt in prompts:
+                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                for expert, weight in routing_weights(model).items():
+                    sums[expert] = sums.get(expert, 0.0) + weight / len(prompts)
+            table[domain] = sums
+    return table
+
+
+def format_routing(table: dict[str, dict[str, float]]) -> str:
+    """Rows: prompt domain; columns: routed expert; the largest gate of each row is starred."""
+    experts = list(next(iter(table.values())))
+    lines = [f"{'prompts from':<14}" + "".join(f"{e:>12}" for e in experts)]
+    for domain, row in table.items():
+        best = max(row, key=row.get)
+        lines.append(f"{domain:<14}" + "".join(f"{row[e]:>11.3f}{'*' if e == best else ' '}" for e in experts))
+    return "\n".join(lines)
+
+
+def save_routing(run_dir, table: dict, *, split: str, rows: int) -> Path:
+    """``RUN_DIR/eval/routing.json`` (atomic)."""
+    path = Path(run_dir) / "eval" / RESULT_FILE
+    atomic_write_json(path, {"suite": "routing", "split": split, "rows": rows, "table": table})
+    return path

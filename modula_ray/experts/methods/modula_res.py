@@ -1,0 +1,43 @@
+"""``modula_res`` (MoDULA-Res, paper eq. 9-12): domain experts refine the universal output.
+
+``h = s* B* A* x``;  ``y = W0 x + h + sum_i g_i(x) s B_i LeakyReLU(A_i h)``, with
+``g = softmax(W_R x / tau)`` over the n domain experts. The router reads ``x``, not ``h``;
+``A_i`` is ``[r_d, d_out]`` because it reads ``h``. LeakyReLU slope is 0.01. Three stages;
+adding a domain trains one expert and the router.
+"""
+import torch.nn.functional as F
+
+from ..layer import METHODS, ExpertLinear
+from ..reference import Terms
+
+NEGATIVE_SLOPE = 0.01
+
+
+@METHODS.register
+class ModulaResLinear(ExpertLinear):
+    method = "modula_res"
+    parts = ("universal", "domain", "router")
+    stages = ("universal", "experts", "router", "joint")
+    stage_plan = ("universal", "experts", "router")
+    add_domain_plan = ("experts", "router")
+    domain_reads = "h"
+    peft_parts = ("universal",)  # domain experts read h through a LeakyReLU: not LoRA-shaped
+
+    def delta(self, x):
+        h = self.universal_scale * self.universal(self.dropout(x))
+        if self.stage == "universal":
+            return h
+        z = F.leaky_relu(self.domain.down(self.dropout(h)), NEGATIVE_SLOPE)
+        return h + self.mix_domains(z, self.routed_gates(x))
+
+    def reference(self, x):
+        t = Terms(self)
+        h = t.universal(x)
+        y = t.base(x) + h
+        if self.stage == "universal":
+            return y
+        gates = t.gates(x) if t.mixing else None
+        for i in range(t.n):
+            refined = t.domain(i, h, lambda z: F.leaky_relu(z, NEGATIVE_SLOPE))
+            y = y + (gates[..., i:i + 1] if t.mixing else 1.0) * refined
+        return y

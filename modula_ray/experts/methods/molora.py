@@ -1,0 +1,27 @@
+"""``molora`` baseline (Zadouri et al.): ``y = W0 x + sum_i g_i(x) s B_i A_i x``, ``g = softmax(W_R x / tau)``.
+
+No universal expert; experts and router train together in one ``joint`` stage, so adding a
+domain retrains every expert and the router.
+"""
+from ..layer import METHODS, ExpertLinear
+from ..reference import Terms
+
+
+@METHODS.register
+class MoLoRALinear(ExpertLinear):
+    method = "molora"
+    parts = ("domain", "router")
+    stages = ("experts", "router", "joint")
+    stage_plan = ("joint",)
+    add_domain_plan = ("joint",)
+    peft_parts = ("domain",)
+
+    def delta(self, x):
+        return self.mix_domains(self.domain.down(self.dropout(x)), self.routed_gates(x))
+
+    def reference(self, x):
+        t = Terms(self)
+        y, gates = t.base(x), t.gates(x) if t.mixing else None
+        for i in range(t.n):
+            y = y + (gates[..., i:i + 1] if t.mixing else 1.0) * t.domain(i, x)
+        return y
