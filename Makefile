@@ -25,10 +25,18 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
-# The main job on the embedded default: SmolLM2, 4 domains, stages 1-3 on an in-process Ray.
+# The main job on the embedded default: SmolLM2, 4 domains, stages 1-3 on an in-process Ray,
+# then the routing table as its own evaluation step.
 # A finished run is not retrained; `make demo ARGS=--force` retrains it.
 demo: install
-	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml --out runs/demo --routing-report 8 $(ARGS)
+	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml --out runs/demo $(ARGS)
+	$(VENV)/bin/modula-ray eval runs/demo --suite routing --rows 8
+	@echo
+	@echo "Next:"
+	@echo "  .venv/bin/tensorboard --logdir runs/demo/tensorboard      # loss, lr, tokens/s per stage"
+	@echo "  .venv/bin/python jobs/add_domain.py finance --run runs/demo # plug in a 5th domain: 1 expert + router"
+	@echo "  .venv/bin/modula-ray cost runs/demo                          # the cost ledger"
+	@echo "  less runs/demo/logs/driver.log                               # Ray's own output (workers: logs/*.rank*.log)"
 
 test: install
 	$(VENV)/bin/pytest

@@ -6,7 +6,8 @@
 #   cluster/local.sh up        start both nodes (idempotent); waits until the job server answers
 #   cluster/local.sh down      stop exactly these two nodes (other Ray instances are left alone)
 #   cluster/local.sh status    ray status of this cluster
-#   eval "$(cluster/local.sh env)"   client settings for `ray job submit` (address and auth token)
+#   eval "$(cluster/local.sh env)"   client settings: RAY_ADDRESS (the dashboard, for `ray job submit`),
+#                              MODULA_RAY_GCS_ADDRESS (for modula-ray commands run beside it) and the auth token
 #
 # Ray >= 2.59 turns on token authentication for local clusters, so every node and client shares
 # one token file kept in the state folder. Each node runs in its own process session, recorded
@@ -81,6 +82,6 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) "$RAY" status --address="127.0.0.1:$GCS_PORT" ;;
-  env) echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/auth_token" ;;
-  *) sed -n '2,14p' "$0"; [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; exit $? ;;
+  env) echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT MODULA_RAY_GCS_ADDRESS=127.0.0.1:$GCS_PORT RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/auth_token" ;;
+  *) sed -n '2,15p' "$0"; [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; exit $? ;;
 esac

@@ -29,11 +29,6 @@ def cmd_train(args) -> int:
 
     config = _config(args)  # every config error surfaces here, before any Ray work
     _print_manifest(run_pipeline(config, args.out, force=args.force, command=args.command or _command_line()))
-    if args.routing_report:
-        from ..compose import format_routing, routing_by_domain
-
-        print(f"\nmean routing weight per expert, {args.routing_report} validation prompts per domain:")
-        print(format_routing(routing_by_domain(args.out, rows=args.routing_report)))
     return 0
 
 
@@ -49,7 +44,8 @@ def cmd_stage(args) -> int:
 def cmd_add_domain(args) -> int:
     from .pipeline import add_domain
 
-    _print_manifest(add_domain(args.name, args.run, force=args.force, command=args.command or _command_line()))
+    _print_manifest(add_domain(args.name, args.run, force=args.force, command=args.command or _command_line(),
+                               overrides=args.set))
     return 0
 
 
@@ -76,15 +72,20 @@ def cmd_cost(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"\n{event} ({manifest['method']}): trainable params x tokens {mine['params_x_tokens']:.3e}, "
-          f"wall {mine['wall_s']:.1f}s, worker {mine['worker_s']:.1f}s")
+    print(f"\n{event} ({manifest['method']}): {_cost_line(mine)}")
     if args.against:
         r = report["ratios"]
-        print(f"{event} ({other['method']}, {args.against}): trainable params x tokens "
-              f"{theirs['params_x_tokens']:.3e}, wall {theirs['wall_s']:.1f}s, worker {theirs['worker_s']:.1f}s")
-        print(f"pluggability (params x tokens) ratio {r['params_x_tokens_ratio']:.4f}; "
-              f"wall-second ratio {r['wall_ratio']:.3f}; worker-second ratio {r['worker_ratio']:.3f}")
+        print(f"{event} ({other['method']}, {args.against}): {_cost_line(theirs)}")
+        print(f"ratios: pluggability (params x tokens) {r['params_x_tokens_ratio']:.4f}, FLOPs {r['flops_ratio']:.3f}, "
+              f"training seconds {r['train_ratio']:.3f}, resource-seconds {r['resource_ratio']:.3f}, "
+              f"fit wall {r['fit_wall_ratio']:.3f}")
     return 0
+
+
+def _cost_line(cost: dict) -> str:
+    return (f"trainable params x tokens {cost['params_x_tokens']:.3e}, {cost['flops'] / 1e12:.2f} TFLOP, "
+            f"training {cost['train_s']:.1f}s (critical path, in the workers), {cost['resource_s']:.1f} "
+            f"resource-s, start-up {cost['startup_s']:.1f}s, fit wall {cost['fit_wall_s']:.1f}s")
 
 
 def _common(parser, *, config: bool = True) -> None:
@@ -102,8 +103,6 @@ def add_parser(commands) -> None:
                                             "stage (lora, molora) on Ray Train.")
     _common(train)
     train.add_argument("--out", required=True, help="run folder (manifest.json, parts, tensorboard/, ray/)")
-    train.add_argument("--routing-report", type=int, default=0, metavar="N",
-                       help="afterwards, print the mean gates on N validation prompts of each domain")
     train.set_defaults(func=cmd_train)
 
     stage = commands.add_parser("stage", help="run one stage of a pipeline config",
@@ -120,14 +119,17 @@ def add_parser(commands) -> None:
                                           "molora or lora run this retrains everything (their honest cost).")
     add.add_argument("name", help="a registered domain, e.g. finance")
     add.add_argument("--run", required=True, help="the run folder")
+    add.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="dotted override of the run's config, e.g. stages.experts.scaling.torch_threads=2")
     _common(add, config=False)
     add.set_defaults(func=cmd_add_domain)
 
     cost = commands.add_parser("cost", help="print the cost ledger and the add-domain comparison",
                                description="Print the ledger. For the latest add-domain event: trainable params x "
-                                           "tokens (the paper's pluggability metric), wall and worker seconds; "
-                                           "with --against, the ratios to the same event in another run "
-                                           "(e.g. a molora retrain).")
+                                           "tokens (the paper's pluggability metric), FLOPs, worker-side training "
+                                           "seconds, resource-seconds (seconds x workers x CPUs or GPUs requested) "
+                                           "and start-up; with --against, the ratios to the same event in another "
+                                           "run (e.g. a molora retrain).")
     cost.add_argument("run")
     cost.add_argument("--against", help="another run folder with the same add-domain event (the baseline)")
     cost.add_argument("--event", help="ledger event, default: the latest add-domain:*")

@@ -4,6 +4,8 @@ Each trainer gets its own ``ScalingConfig`` (worker group), a run name unique to
 folder (Ray Train V2 silently resumes a reused name, which we want only for the same
 attempt of the same stage), ``FailureConfig(max_failures)`` and the split as a Ray Dataset.
 Every worker sees the whole split (no Ray Data split) so the data order, and resume, are exact.
+The workers' output goes to ``RUN_DIR/logs/``; ``ProgressTail`` echoes their ``[stage]`` progress
+lines to the driver's terminal.
 """
 from __future__ import annotations
 
@@ -25,6 +27,42 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PAR
 def worker_env() -> dict:
     cache = cache_dir()
     return {**WORKER_ENV, "MODULA_RAY_CACHE": str(cache), "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions")}
+
+
+class ProgressTail:
+    """Echo the ``[key] ...`` lines of the rank-0 worker log to this terminal while a fit runs."""
+
+    def __init__(self, task: StageTask, interval: float = 0.5):
+        self.path = Path(task.run_dir) / "logs" / f"{task.slug}.rank0.log"
+        self.prefix, self.interval = f"[{task.key}]", interval
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"tail-{task.slug}", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self._echo()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._echo()
+
+    def _echo(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        complete = chunk.rfind(b"\n") + 1
+        self.offset += complete
+        for line in chunk[:complete].decode(errors="replace").splitlines():
+            if line.startswith(self.prefix):
+                print(line, flush=True)
 
 
 def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_failures: int, event: str):
@@ -53,39 +91,49 @@ def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_fai
           flush=True)
     started = time.time()
     try:
-        result = trainer.fit()
+        with ProgressTail(task):
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray raises several failure types
-        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {exc}") from exc
+        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {exc}; worker logs: "
+                               f"{Path(task.run_dir) / 'logs'}") from exc
     ended = time.time()
     if result.error is not None or not (result.metrics or {}).get("done"):
         raise StageFailedError(f"stage {task.key} ({run_name}) failed: {result.error or 'no final report'}")
     metrics = dict(result.metrics)
     stage, _, domain = task.key.partition("/")
-    record = make_record(stage=stage, domain=domain or None, event=event, metrics=metrics,
-                         num_workers=spec.num_workers, started_at=started, ended_at=ended, run_name=run_name)
-    print(f"[{task.key}] done in {ended - started:.1f}s: loss {metrics['loss']:.4f}, {metrics['tokens']:,} tokens, "
-          f"{metrics['trainable_params']:,} trainable params", flush=True)
+    record = make_record(stage=stage, domain=domain or None, event=event, metrics=metrics, spec=spec,
+                         fit_started_at=started, fit_ended_at=ended, run_name=run_name)
+    print(f"[{task.key}] done: loss {metrics['first_loss']:.4f} -> {metrics['loss']:.4f}, {metrics['tokens']:,} "
+          f"tokens in {record['train_s']:.1f}s of training ({record['tokens_per_s']:,.0f} tok/s) after "
+          f"{record['startup_s']:.1f}s of start-up, {metrics['trainable_params']:,} trainable params", flush=True)
     return record, metrics
 
 
 def fit_concurrently(jobs: list[dict], on_done) -> None:
     """Fit every job (``fit_task`` kwargs) at once; ``on_done(job, record, metrics)`` runs as each
-    finishes (serialised), so one failure does not lose the others. Raises the first failure."""
-    lock, errors = threading.Lock(), []
+    finishes (serialised), so one failure does not lose the others. Raises one ``StageFailedError``
+    that names every failed group (``.failures``: ``{stage key: exception}``)."""
+    lock, failures = threading.Lock(), {}
 
     def run(job):
         try:
             record, metrics = fit_task(**job)
         except Exception as exc:  # noqa: BLE001 - collected and re-raised below
-            errors.append(exc)
+            with lock:
+                failures[job["task"].key] = exc
             return
         with lock:
             on_done(job, record, metrics)
 
     with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="stage") as pool:
         list(pool.map(run, jobs))
-    if errors:
-        raise errors[0]
+    if len(failures) == 1:
+        raise next(iter(failures.values()))
+    if failures:
+        error = StageFailedError(f"{len(failures)} of {len(jobs)} worker groups failed:\n" + "\n".join(
+            f"  {key}: {str(exc).splitlines()[0]}" for key, exc in sorted(failures.items())))
+        error.failures = failures
+        raise error
 
 
 def default_storage(run_dir: str) -> str:

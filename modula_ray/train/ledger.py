@@ -1,9 +1,22 @@
 """Cost ledger: one record per stage run (and per expert), and the pluggability comparison.
 
-FLOPs per processed token, forward + backward, frozen base included: the forward costs
-``2 N`` (N = all parameters); the backward needs activation gradients through the whole
-network (adapters sit in every block), ``2 N``, plus weight gradients of the trainable
-parameters only, ``2 N_train``. So ``flops = (4 N + 2 N_train) * tokens``.
+Timing is measured where the work happens (DESIGN §7):
+
+``fit_started_at`` / ``fit_ended_at``      the driver's ``trainer.fit()`` call: queueing, worker
+                                           start-up, model load, tokenising, training, saving
+``train_started_at`` / ``train_ended_at``  inside the workers: start of the first optimizer step to
+                                           the end of the last (earliest rank to latest rank)
+``startup_s``                              fit start to the first optimizer step
+``train_s``                                the worker-side training window
+``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with
+                                           ``use_gpu``) each worker requested
+
+FLOPs per processed token, forward + backward: the forward costs ``2 N`` where N counts only
+the parameters that take part in the forward at this stage (frozen base included, inactive
+experts and embedding lookups excluded); the backward needs activation gradients through the
+whole network (adapters sit in every block), ``2 N``, plus weight gradients of the trainable
+parameters only, ``2 N_train``. So ``flops = (4 N + 2 N_train) * tokens``; attention-score
+FLOPs (which grow with sequence length) are left out.
 
 The paper's pluggability metric for adding a domain is trainable params x training tokens.
 """
@@ -12,49 +25,66 @@ from __future__ import annotations
 LEDGER_STAGES = ("universal", "experts", "router", "joint")
 
 
-def training_flops(total_params: int, trainable_params: int, tokens: int) -> int:
-    return int((4 * total_params + 2 * trainable_params) * tokens)
+def training_flops(forward_params: int, trainable_params: int, tokens: int) -> int:
+    return int((4 * forward_params + 2 * trainable_params) * tokens)
 
 
-def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, num_workers: int,
-                started_at: float, ended_at: float, run_name: str) -> dict:
-    wall = ended_at - started_at
+def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, spec, fit_started_at: float,
+                fit_ended_at: float, run_name: str) -> dict:
+    """``spec``: the group's ``ScalingSpec``; ``metrics``: the final report of the training loop."""
+    requested = spec.worker_resources()
+    unit = "GPU" if spec.use_gpu else "CPU"
+    train_started, train_ended = metrics["train_started_at"], metrics["train_ended_at"]
+    train_s = train_ended - train_started
     return {"stage": stage, "domain": domain, "event": event, "run_name": run_name,
-            "trainable_params": int(metrics["trainable_params"]), "tokens": int(metrics["tokens"]),
-            "flops": training_flops(metrics["total_params"], metrics["trainable_params"], metrics["tokens"]),
-            "wall_s": round(wall, 3), "worker_s": round(wall * num_workers, 3), "num_workers": num_workers,
-            "peak_mem_mb": metrics["peak_mem_mb"], "started_at": round(started_at, 3),
-            "ended_at": round(ended_at, 3), "final_loss": metrics.get("loss"), "nodes": metrics.get("nodes", [])}
+            "trainable_params": int(metrics["trainable_params"]), "forward_params": int(metrics["forward_params"]),
+            "tokens": int(metrics["tokens"]),
+            "flops": training_flops(metrics["forward_params"], metrics["trainable_params"], metrics["tokens"]),
+            "fit_started_at": round(fit_started_at, 3), "fit_ended_at": round(fit_ended_at, 3),
+            "fit_wall_s": round(fit_ended_at - fit_started_at, 3),
+            "train_started_at": round(train_started, 3), "train_ended_at": round(train_ended, 3),
+            "train_s": round(train_s, 3), "startup_s": round(train_started - fit_started_at, 3),
+            "num_workers": spec.num_workers, "resources_per_worker": requested, "resource_unit": unit,
+            "resource_s": round(train_s * spec.num_workers * requested.get(unit, 0.0), 3),
+            "tokens_per_s": round(metrics["tokens"] / max(train_s, 1e-9), 1),
+            "peak_mem_mb": metrics["peak_mem_mb"], "first_loss": metrics.get("first_loss"),
+            "final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from_step"),
+            "engine": metrics.get("engine"), "nodes": sorted(set(metrics.get("rank_nodes", []))),
+            "rank_part_sha256": metrics.get("rank_part_sha256", [])}
 
 
 def event_cost(ledger: list[dict], event: str) -> dict:
-    """Totals of one event's records; wall time is the critical path (first start to last end)."""
+    """Totals of one event's records; times are critical paths (first start to last end)."""
     records = [r for r in ledger if r["event"] == event]
     if not records:
         raise KeyError(event)
     return {"event": event, "records": len(records),
             "params_x_tokens": sum(r["trainable_params"] * r["tokens"] for r in records),
             "flops": sum(r["flops"] for r in records),
-            "wall_s": max(r["ended_at"] for r in records) - min(r["started_at"] for r in records),
-            "worker_s": sum(r["worker_s"] for r in records)}
+            "fit_wall_s": max(r["fit_ended_at"] for r in records) - min(r["fit_started_at"] for r in records),
+            "train_s": max(r["train_ended_at"] for r in records) - min(r["train_started_at"] for r in records),
+            "startup_s": sum(r["startup_s"] for r in records),
+            "resource_s": sum(r["resource_s"] for r in records)}
 
 
 def overlaps(a: dict, b: dict) -> bool:
-    return a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
+    """Did the two records' worker-side training windows overlap in time?"""
+    return a["train_started_at"] < b["train_ended_at"] and b["train_started_at"] < a["train_ended_at"]
 
 
 def format_ledger(ledger: list[dict]) -> str:
-    lines = [f"{'event':<22} {'stage':<9} {'domain':<10} {'trainable':>11} {'tokens':>9} {'TFLOP':>9} "
-             f"{'wall s':>8} {'worker s':>9} {'peak MB':>8}"]
+    lines = [f"{'event':<20} {'stage':<9} {'domain':<10} {'trainable':>10} {'tokens':>8} {'TFLOP':>7} "
+             f"{'start s':>7} {'train s':>7} {'res s':>7} {'tok/s':>7} {'peak MB':>7}"]
     for r in ledger:
-        lines.append(f"{r['event']:<22} {r['stage']:<9} {str(r['domain'] or '-'):<10} {r['trainable_params']:>11,} "
-                     f"{r['tokens']:>9,} {r['flops'] / 1e12:>9.3f} {r['wall_s']:>8.1f} {r['worker_s']:>9.1f} "
-                     f"{r['peak_mem_mb']:>8.0f}")
+        lines.append(f"{r['event']:<20} {r['stage']:<9} {str(r['domain'] or '-'):<10} {r['trainable_params']:>10,} "
+                     f"{r['tokens']:>8,} {r['flops'] / 1e12:>7.3f} {r['startup_s']:>7.1f} {r['train_s']:>7.1f} "
+                     f"{r['resource_s']:>7.1f} {r['tokens_per_s']:>7,.0f} {r['peak_mem_mb']:>7.0f}")
     return "\n".join(lines)
 
 
 def compare(mine: dict, theirs: dict) -> dict:
     return {"params_x_tokens_ratio": mine["params_x_tokens"] / max(theirs["params_x_tokens"], 1),
             "flops_ratio": mine["flops"] / max(theirs["flops"], 1),
-            "wall_ratio": mine["wall_s"] / max(theirs["wall_s"], 1e-9),
-            "worker_ratio": mine["worker_s"] / max(theirs["worker_s"], 1e-9)}
+            "fit_wall_ratio": mine["fit_wall_s"] / max(theirs["fit_wall_s"], 1e-9),
+            "train_ratio": mine["train_s"] / max(theirs["train_s"], 1e-9),
+            "resource_ratio": mine["resource_s"] / max(theirs["resource_s"], 1e-9)}

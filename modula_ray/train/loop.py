@@ -3,12 +3,18 @@
 build model (inject + load parts + set_stage) -> read the split from Ray Data -> tokenise
 -> restore the latest checkpoint if Ray restarted us -> train -> rank 0 saves the parts
 atomically -> final report. Every rank calls ``ray.train.report`` at the same steps.
+
+The worker's stdout and stderr go to ``RUN_DIR/logs/<stage>.rank<r>.log``. Timing is taken
+here, where the work happens: the wall clock at the start of the first optimizer step and at
+the end of the last (kept in the checkpointed counters, so a resumed run keeps its start),
+reduced over ranks to the earliest start and the latest end.
 """
 from __future__ import annotations
 
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +24,8 @@ import torch
 
 from ..compose import build_model
 from ..data.formatting import collate, encode_rows, pack
-from ..experts import save_part, trainable_parameters
+from ..experts import forward_parameter_count, save_part, trainable_parameters
+from ..experts.serialization import part_tensors, tensors_sha256
 from . import checkpointing
 from .engine import make_engine
 from .observe import Observer
@@ -56,18 +63,43 @@ def _all_reduce(values: list[float], op: str, world: int, device) -> list[float]
     return tensor.tolist()
 
 
-def _node_ids(world: int) -> list[str]:
-    """The Ray node of every rank (where the worker group really ran)."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
+def _gather(value, world: int) -> list:
+    """``value`` of every rank, in rank order."""
     if world == 1:
-        return [node]
+        return [value]
     import torch.distributed as dist
 
-    nodes = [None] * world
-    dist.all_gather_object(nodes, node)
-    return sorted(set(nodes))
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _redirect_output(task: StageTask, rank: int) -> None:
+    """This worker's stdout/stderr (ours, Ray's, DeepSpeed's, warnings) -> the run folder's logs."""
+    logs = Path(task.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handle = open(logs / f"{task.slug}.rank{rank}.log", "a", buffering=1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+
+
+def _saved_digests(task: StageTask, module) -> dict[str, str]:
+    """sha256 of each part this task saves, from the live (for ZeRO-3: gathered) weights."""
+    return {f"{ref.part}:{ref.domain}" if ref.domain else ref.part:
+            tensors_sha256(part_tensors(module, ref.part, ref.domain)) for ref in task.save}
+
+
+def _engine_name(engine, world: int) -> str:
+    if engine.ds is not None:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        if isinstance(engine.ds, DeepSpeedEngine):
+            return f"deepspeed-zero{engine.ds.zero_optimization_stage()}"
+    if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel):
+        return "ddp"
+    return "torch" if world == 1 else "torch-unwrapped"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -82,6 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
     hp = task.hparams
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if task.log_to_files:
+        _redirect_output(task, rank)
     torch.set_num_threads(hp["scaling"].get("torch_threads") or max(1, int(
         (hp["scaling"].get("resources_per_worker") or {}).get("CPU", 1))))
     device = get_device()
@@ -101,22 +135,28 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
                              grad_accum=hp["grad_accum"], seed=task.seed)
     params = trainable_parameters(model)
-    n_trainable, n_total = sum(p.numel() for p in params.values()), sum(p.numel() for p in model.parameters())
+    n_trainable, n_forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
     engine = make_engine(model, params, hp, world, task.dtype)
 
-    step, counters = 0, {"tokens": 0, "response_tokens": 0, "loss": float("nan")}
+    step, resumed_from = 0, None
+    counters = {"tokens": 0, "response_tokens": 0, "loss": float("nan"), "first_loss": None,
+                "train_started_at": None, "train_ended_at": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            step, counters = checkpointing.restore(Path(folder), rank=rank, params=params,
+            step, restored = checkpointing.restore(Path(folder), rank=rank, params=params,
                                                    optimizer=engine.optimizer, scheduler=engine.scheduler,
                                                    engine=engine.ds)
+        counters.update(restored)
+        resumed_from = step
         if rank == 0:
             print(f"[{task.key}] resumed from step {step}", flush=True)
 
     observer, total = Observer(task, rank), hp["steps"]
     window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
     while step < total:
+        if counters["train_started_at"] is None:
+            counters["train_started_at"] = time.time()
         for micro in range(hp["grad_accum"]):
             batch = collate([examples[i] for i in schedule.indices(step, micro)], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -127,10 +167,16 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum, aux_sum, micro_count = loss_sum + out["ce"], aux_sum + out["aux"], micro_count + 1
         engine.finish_step()
         step += 1
+        counters["train_ended_at"] = time.time()
+        if counters["first_loss"] is None:  # the loss of step 1's batches under the initial weights
+            counters["first_loss"] = _all_reduce([loss_sum / micro_count], "SUM", world, device)[0] / world
         if hp.get("crash_at_step") == step and rank == 0:
             marker = Path(task.run_dir) / f".crashed-{task.slug}-step{step}"
             if not marker.exists():  # fault injection for resume tests: die once, hard
                 marker.touch()
+                # Ray Train's controller collects reports (and registers checkpoints) once per health
+                # check; die only after the last checkpoint had one, as a real crash later would.
+                time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
                 os._exit(1)
         log_now, save_now = step % hp["log_every"] == 0 or step == total, step % hp["checkpoint_every"] == 0
         if not (log_now or save_now):
@@ -155,13 +201,19 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             for ref in task.save:
                 save_part(engine.module, ref.part, ref.path, domain=ref.domain, metadata=task.metadata)
+        digests = _gather(_saved_digests(task, engine.module), world)
     tokens, response_tokens = _all_reduce([counters["tokens"], counters["response_tokens"]], "SUM", world, device)
     peak = _all_reduce([_peak_memory_mb(device)], "MAX", world, device)[0]
+    started = _all_reduce([counters["train_started_at"]], "MIN", world, device)[0]
+    ended = _all_reduce([counters["train_ended_at"]], "MAX", world, device)[0]
     observer.close()
-    final = {"step": step, "loss": counters["loss"], "tokens": int(tokens), "response_tokens": int(response_tokens),
-             "trainable_params": n_trainable, "total_params": n_total, "peak_mem_mb": round(peak, 1),
-             "examples": len(examples), "truncated": stats.truncated, "dropped": stats.dropped,
-             "nodes": _node_ids(world), "done": True}
+    final = {"step": step, "loss": counters["loss"], "first_loss": counters["first_loss"], "tokens": int(tokens),
+             "response_tokens": int(response_tokens), "trainable_params": n_trainable, "forward_params": n_forward,
+             "peak_mem_mb": round(peak, 1), "examples": len(examples), "truncated": stats.truncated,
+             "dropped": stats.dropped, "train_started_at": started, "train_ended_at": ended,
+             "resumed_from_step": resumed_from, "engine": _engine_name(engine, world),
+             "rank_nodes": _gather(ray.get_runtime_context().get_node_id(), world),
+             "rank_part_sha256": digests, "done": True}
     with tempfile.TemporaryDirectory() as folder:
         checkpointing.write(Path(folder), rank=rank, step=step, counters=counters, params=params,
                             optimizer=engine.optimizer, scheduler=engine.scheduler, engine=engine.ds)

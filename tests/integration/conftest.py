@@ -10,7 +10,7 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                        "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
     yield ray

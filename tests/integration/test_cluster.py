@@ -1,7 +1,9 @@
-"""`ray job submit` of the tiny pipeline to a real 2-node cluster started by cluster/local.sh."""
+"""`ray job submit` of the tiny pipeline to a real 2-node cluster started by cluster/local.sh, then
+a local `modula-ray add-domain` beside that cluster, as the README shows it."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,41 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tmp_pat
     assert "succeeded" in job.stdout + job.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     experts = {r["domain"]: r for r in manifest["ledger"] if r["stage"] == "experts"}
-    assert overlaps(experts["math"], experts["code"]), "stage-2 groups did not overlap in time"
-    assert experts["math"]["nodes"] and experts["code"]["nodes"]
-    assert set(experts["math"]["nodes"]).isdisjoint(experts["code"]["nodes"]), "labels did not pin the groups"
+    # worker-side training windows (first to last optimizer step), not the driver's fit() calls
+    assert overlaps(experts["math"], experts["code"]), "stage-2 groups did not train at the same time"
+    nodes = node_ids_by_pool(local_cluster)
+    assert experts["math"]["nodes"] == [nodes["head"]], "math did not run on the head node"
+    assert experts["code"]["nodes"] == [nodes["worker"]], "code did not run on the worker node"
     assert (run_dir / "config.yaml").read_text().startswith("# python jobs/pipeline.py --config")
+
+    # The README's next step: with RAY_ADDRESS=http://... still set, a local command joins the cluster.
+    assert local_cluster["RAY_ADDRESS"].startswith("http://")
+    add = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "add-domain", "finance", "--run", str(run_dir)],
+                         cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=600)
+    assert add.returncode == 0, add.stdout[-3000:] + add.stderr[-3000:]
+    assert "joined the cluster at http://127.0.0.1:8265" in add.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    added = [r for r in manifest["ledger"] if r["event"] == "add-domain:finance"]
+    assert [(r["stage"], r["domain"]) for r in added] == [("experts", "finance"), ("router", None)]
+    assert all(set(r["nodes"]) <= set(nodes.values()) for r in added)
+
+
+def node_ids_by_pool(env: dict) -> dict[str, str]:
+    """``{pool label: Ray node id}`` of the running local cluster, asked of the cluster itself."""
+    script = ("import json, os, ray; ray.init(address=os.environ['MODULA_RAY_GCS_ADDRESS'], log_to_driver=False); "
+              "print(json.dumps({n['Labels'].get('pool'): n['NodeID'] for n in ray.nodes() if n['Alive']}))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_dashboard_address_without_a_gcs_address_says_what_to_do(tmp_path):
+    """RAY_ADDRESS=http://... of a cluster we cannot find: one clear sentence, exit 2, nothing trained."""
+    env = {k: v for k, v in os.environ.items() if k != "MODULA_RAY_GCS_ADDRESS"}
+    env.update(RAY_ADDRESS="http://127.0.0.1:1", RAY_TMPDIR=str(tmp_path / "no-ray-here"))
+    out = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "train", "--config", "jobs/configs/tiny.yaml",
+                          "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "is the dashboard address that `ray job submit` uses" in out.stderr
+    assert "MODULA_RAY_GCS_ADDRESS" in out.stderr and not (tmp_path / "run" / "manifest.json").exists()

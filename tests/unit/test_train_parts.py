@@ -8,7 +8,7 @@ import pytest
 from modula_ray.config import PipelineConfig, ScalingSpec, from_dict, load_config
 from modula_ray.errors import ResourceUnavailableError
 from modula_ray.train.engine import lr_lambda
-from modula_ray.train.ledger import compare, event_cost, overlaps, training_flops
+from modula_ray.train.ledger import compare, event_cost, make_record, overlaps, training_flops
 from modula_ray.train.pipeline import plan_groups
 from modula_ray.train.resources import check_groups
 from modula_ray.train.schedule import BatchSchedule
@@ -40,20 +40,39 @@ def test_lr_warmup_then_cosine_to_ten_percent():
 
 
 def test_flops_and_cost_comparison():
-    assert training_flops(total_params=100, trainable_params=10, tokens=3) == (400 + 20) * 3
+    assert training_flops(forward_params=100, trainable_params=10, tokens=3) == (400 + 20) * 3
     ledger = [
-        {"event": "add-domain:x", "trainable_params": 10, "tokens": 100, "flops": 5, "started_at": 0.0,
-         "ended_at": 4.0, "worker_s": 8.0},
-        {"event": "add-domain:x", "trainable_params": 2, "tokens": 50, "flops": 1, "started_at": 4.0,
-         "ended_at": 6.0, "worker_s": 2.0},
-        {"event": "pipeline", "trainable_params": 99, "tokens": 99, "flops": 9, "started_at": 0.0,
-         "ended_at": 1.0, "worker_s": 1.0}]
+        {"event": "add-domain:x", "trainable_params": 10, "tokens": 100, "flops": 5, "fit_started_at": 0.0,
+         "fit_ended_at": 5.0, "train_started_at": 1.0, "train_ended_at": 4.0, "startup_s": 1.0, "resource_s": 6.0},
+        {"event": "add-domain:x", "trainable_params": 2, "tokens": 50, "flops": 1, "fit_started_at": 5.0,
+         "fit_ended_at": 7.0, "train_started_at": 5.5, "train_ended_at": 6.0, "startup_s": 0.5, "resource_s": 0.5},
+        {"event": "pipeline", "trainable_params": 99, "tokens": 99, "flops": 9, "fit_started_at": 0.0,
+         "fit_ended_at": 1.0, "train_started_at": 0.5, "train_ended_at": 1.0, "startup_s": 0.5, "resource_s": 1.0}]
     mine = event_cost(ledger, "add-domain:x")
-    assert (mine["params_x_tokens"], mine["wall_s"], mine["worker_s"]) == (1100, 6.0, 10.0)
-    theirs = {"params_x_tokens": 4400, "flops": 12, "wall_s": 12.0, "worker_s": 40.0}
-    ratios = compare(mine, theirs)
-    assert ratios == {"params_x_tokens_ratio": 0.25, "flops_ratio": 0.5, "wall_ratio": 0.5, "worker_ratio": 0.25}
-    assert overlaps(ledger[0], {"started_at": 3.0, "ended_at": 5.0}) and not overlaps(ledger[0], ledger[1])
+    assert (mine["params_x_tokens"], mine["fit_wall_s"], mine["train_s"], mine["startup_s"], mine["resource_s"]) == (
+        1100, 7.0, 5.0, 1.5, 6.5)
+    theirs = {"params_x_tokens": 4400, "flops": 12, "fit_wall_s": 14.0, "train_s": 10.0, "resource_s": 26.0}
+    assert compare(mine, theirs) == {"params_x_tokens_ratio": 0.25, "flops_ratio": 0.5, "fit_wall_ratio": 0.5,
+                                     "train_ratio": 0.5, "resource_ratio": 0.25}
+    # overlap is decided by the worker-side training windows, not the driver's fit calls
+    assert not overlaps(ledger[0], ledger[1])
+    assert overlaps(ledger[0], {"train_started_at": 3.0, "train_ended_at": 5.0})
+    assert not overlaps(ledger[0], {"fit_started_at": 0.0, "train_started_at": 4.5, "train_ended_at": 9.0})
+
+
+def test_record_counts_resource_seconds_from_the_request():
+    metrics = {"trainable_params": 10, "forward_params": 1000, "tokens": 400, "train_started_at": 103.0,
+               "train_ended_at": 113.0, "peak_mem_mb": 1.0, "loss": 2.0, "first_loss": 3.0}
+    half = make_record(stage="experts", domain="math", event="pipeline", metrics=metrics, run_name="r",
+                       spec=ScalingSpec(num_workers=2, resources_per_worker={"CPU": 0.5}), fit_started_at=100.0,
+                       fit_ended_at=120.0)
+    assert (half["train_s"], half["startup_s"], half["fit_wall_s"]) == (10.0, 3.0, 20.0)
+    assert half["resource_s"] == 10.0 and half["resource_unit"] == "CPU"  # 10 s x 2 workers x 0.5 CPU
+    assert half["flops"] == (4 * 1000 + 2 * 10) * 400 and half["tokens_per_s"] == 40.0
+    gpu = make_record(stage="router", domain=None, event="pipeline", metrics=metrics, run_name="r",
+                      spec=ScalingSpec(num_workers=4, use_gpu=True, resources_per_worker={"CPU": 8}),
+                      fit_started_at=100.0, fit_ended_at=120.0)
+    assert gpu["resource_unit"] == "GPU" and gpu["resource_s"] == 40.0  # 10 s x 4 workers x 1 GPU
 
 
 NODES = [{"resources": {"CPU": 4.0, "GPU": 1.0, "pool_math": 1.0}, "labels": {"pool": "math"}},
