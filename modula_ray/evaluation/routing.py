@@ -25,9 +25,12 @@ def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: b
     from ..data.schema import read_split
     from ..experts import routing_weights
 
+    from transformers.utils import logging as hf_logging
+
     manifest = read_manifest(run_dir)
     if not manifest["router"]:
         return {}
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar helps nobody here
     model, tokenizer = load_composition(run_dir)
     data_dir = manifest["data"]["dir"]
     built = load_manifest(data_dir)["domains"]

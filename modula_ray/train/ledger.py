@@ -5,7 +5,8 @@ Timing is measured where the work happens (DESIGN §7):
 ``fit_started_at`` / ``fit_ended_at``      the driver's ``trainer.fit()`` call: queueing, worker
                                            start-up, model load, tokenising, training, saving
 ``train_started_at`` / ``train_ended_at``  inside the workers: start of the first optimizer step to
-                                           the end of the last (earliest rank to latest rank)
+                                           the end of the last (earliest rank to latest rank);
+                                           checkpoint reports in between are included
 ``startup_s``                              fit start to the first optimizer step
 ``train_s``                                the worker-side training window
 ``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with

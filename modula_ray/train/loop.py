@@ -188,7 +188,6 @@ def train_loop_per_worker(config: dict) -> None:
                    "tokens_per_s": tokens / max(elapsed, 1e-9)}
         observer.log(step, total, metrics)
         counters["loss"] = metrics["loss"]
-        window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
         if save_now and step < total:
             with tempfile.TemporaryDirectory() as folder:
                 checkpointing.write(Path(folder), rank=rank, step=step, counters=counters, params=params,
@@ -196,6 +195,8 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+        # the next window's tokens/s counts training only; train_s (the whole window) includes reports
+        window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
 
     with engine.full_parameters():
         if rank == 0:

@@ -54,6 +54,30 @@ def send_ray_logs_to(run_dir) -> Path:
     return path
 
 
+def route_raylet_messages() -> None:
+    """Ray's driver prints the raylet's messages (e.g. "WARNING: 12 PYTHON worker processes have been
+    started") straight to stdout even with ``log_to_driver=False`` (``listen_error_messages`` in
+    ``ray/_private/worker.py`` calls ``print_to_stdstream``). Send every one to driver.log and keep
+    only the non-warnings, such as a dead worker's error, on the terminal."""
+    from ray._private import worker as ray_worker  # private API: checked, and left alone if it moved
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "routed_by_modula_ray", False):
+        return
+    logger = logging.getLogger("ray")
+
+    def route(data, ignore_prefix):
+        lines = list(data.get("lines", []))
+        for line in lines:
+            logger.info("(%s) %s", data.get("pid"), line)
+        errors = [line for line in lines if not line.lstrip().startswith("WARNING")]
+        if errors:
+            original({**data, "lines": errors}, ignore_prefix)
+
+    route.routed_by_modula_ray = True
+    ray_worker.print_to_stdstream = route
+
+
 def _dashboard(url: str) -> str:
     parsed = urlparse(url if "://" in url else f"http://{url}")
     host = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1"}.get(parsed.hostname or "", parsed.hostname or "")
@@ -63,9 +87,10 @@ def _dashboard(url: str) -> str:
 def _join(address: str, log_to_driver: bool, dashboard_url: str | None):
     import ray
 
+    saved = os.environ.pop("RAY_ADDRESS", None) if dashboard_url else None  # ray.init would read it again
     try:
         context = ray.init(address=address, log_to_driver=log_to_driver)
-    except (ConnectionError, RuntimeError) as exc:
+    except (ConnectionError, RuntimeError, ValueError) as exc:
         if dashboard_url is None:
             raise
         raise ClusterAddressError(
@@ -74,6 +99,9 @@ def _join(address: str, log_to_driver: bool, dashboard_url: str | None):
             f"(the head's GCS port, 6379 by default; `cluster/local.sh env` sets it), submit the command as a job "
             f"with `ray job submit --working-dir . -- python jobs/...`, or `unset RAY_ADDRESS` to train "
             f"in-process.") from None
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
     if dashboard_url is not None and context.dashboard_url and _dashboard(context.dashboard_url) != _dashboard(
             dashboard_url):
         ray.shutdown()
@@ -88,6 +116,7 @@ def connect_ray(run_dir=None) -> None:
 
     if run_dir is not None:
         send_ray_logs_to(run_dir)
+        route_raylet_messages()
     if ray.is_initialized():
         return
     log_to_driver = run_dir is None
@@ -98,5 +127,5 @@ def connect_ray(run_dir=None) -> None:
         context = _join(address, log_to_driver, dashboard_url=None)
     where = f"joined the cluster at {address}" if address else "started an in-process Ray"
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
-    logs = f"; Ray's output goes to {logs_dir(run_dir)}" if run_dir is not None else ""
+    logs = f"; Ray's output goes to {logs_dir(run_dir).resolve()}" if run_dir is not None else ""
     print(f"ray: {where}{dashboard}{logs}", flush=True)

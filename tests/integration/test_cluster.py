@@ -39,7 +39,9 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tmp_pat
               "--working-dir", ".", "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml",
               "--out", str(run_dir),
               "--set", "stages.experts.domains.math.scaling.node_labels={pool: head}",
-              "--set", "stages.experts.domains.code.scaling.node_labels={pool: worker}"]
+              "--set", "stages.experts.domains.code.scaling.node_labels={pool: worker}",
+              # long enough (about 5 s) that "trained at the same time" means something
+              "--set", "stages.experts.steps=60", "--set", "stages.experts.log_every=20"]
     job = subprocess.run(submit, cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
