@@ -11,7 +11,8 @@ Public API::
 """
 from . import methods  # noqa: F401  (registers every method in METHODS)
 from .inject import (DEFAULT_TARGETS, ExpertSpec, expert_layers, forward_parameter_count, inject,
-                     load_balancing_loss, routing_weights, set_stage, spec_of, trainable_parameters)
+                     last_position_gates, load_balancing_loss, routing_weights, set_stage, spec_of,
+                     trainable_parameters)
 from .layer import METHODS, STAGES, ExpertLinear, method_class, wrap_linear
 from .peft_export import export_peft
 from .reference import reference_forward
@@ -20,7 +21,8 @@ from .stacking import stack_experts
 
 __all__ = [
     "DEFAULT_TARGETS", "ExpertLinear", "ExpertSpec", "METHODS", "STAGES", "expert_layers", "export_peft",
-    "forward_parameter_count", "inject", "load_balancing_loss", "load_part", "method_class", "read_part",
+    "forward_parameter_count", "inject", "last_position_gates", "load_balancing_loss", "load_part", "method_class",
+    "read_part",
     "reference_forward", "routing_weights", "save_part", "set_stage", "spec_of", "stack_experts",
     "trainable_parameters", "wrap_linear",
 ]

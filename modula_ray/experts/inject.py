@@ -142,3 +142,10 @@ def routing_weights(model: nn.Module) -> dict[str, float]:
         return {}
     mean = torch.stack(gates).mean(dim=0)
     return dict(zip(spec_of(model).routed_names(), mean.tolist()))
+
+
+def last_position_gates(model: nn.Module) -> torch.Tensor | None:
+    """Gates of each row's last position averaged over all routers of the last forward,
+    ``[batch, n_routed]`` in ``routed_names`` order; ``None`` without an active router."""
+    gates = [r.last_gates for r in routers(model).values() if r.last_gates is not None]
+    return torch.stack(gates).mean(dim=0) if gates else None

@@ -7,6 +7,8 @@ After every forward the router keeps two things for the training loop and report
                 and ``P_i`` the mean router probability of expert i. It equals 1 for a
                 perfectly balanced router and grows to n when one expert takes all.
 ``mean_gates``  the gates averaged over tokens (detached), ``[n_routed]``.
+``last_gates``  the gates of the last position of every row (detached), ``[batch, n_routed]``:
+                what the next generated token of each sequence was routed with.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class Router(nn.Module):
         self.temperature = temperature
         self.aux_loss: torch.Tensor | None = None
         self.mean_gates: torch.Tensor | None = None
+        self.last_gates: torch.Tensor | None = None
 
     @property
     def n_routed(self) -> int:
@@ -52,6 +55,7 @@ class Router(nn.Module):
         share = dispatch.mean(dim=0) / k
         self.aux_loss = self.n_routed * (share * flat_probs.mean(dim=0)).sum()
         self.mean_gates = gates.detach().reshape(-1, self.n_routed).float().mean(dim=0)
+        self.last_gates = gates.detach()[:, -1].float() if gates.dim() == 3 else None
 
     def extra_repr(self) -> str:
         return f"n_routed={self.n_routed}, top_k={self.top_k}, temperature={self.temperature}"

@@ -1,0 +1,105 @@
+"""Batched generation over a composed model, held to Hugging Face ``generate`` as the reference."""
+import pytest
+import torch
+
+from modula_ray.experts import inject, set_stage
+from modula_ray.models import tiny_model
+from modula_ray.serve.generation import GenerationRequest, generate_batch
+from tests.helpers import randomise_experts
+
+PROMPTS = ["What is 3 + 4?", "the patient takes a dose", "def add(a, b): return", "organic apples aisle",
+           "1 2 3", "the market price of the product is", "answer the question", "x"]
+
+
+@pytest.fixture(scope="module")
+def composed():
+    """A tiny Llama with 3 randomised modula_res experts and a random router: the full mixture."""
+    model, tokenizer = tiny_model()
+    inject(model, "modula_res", ["math", "code", "medicine"], universal_rank=4, domain_rank=2)
+    randomise_experts(model, seed=1, scale=0.3)
+    set_stage(model, "router")
+    return model.eval(), tokenizer
+
+
+def encode(tokenizer, prompt):
+    return tokenizer(prompt).input_ids
+
+
+def hf_greedy(model, tokenizer, prompt, n):
+    ids = torch.tensor([encode(tokenizer, prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_matches_hf_generate_for_each_prompt(composed):
+    model, tokenizer = composed
+    for prompt in PROMPTS[:3]:
+        ours = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, prompt), max_tokens=12)])[0]
+        # the tiny tokenizer's EOS can come early; compare what we generated before stopping
+        reference = hf_greedy(model, tokenizer, prompt, 12)[:len(ours.token_ids)]
+        assert ours.token_ids == reference, prompt
+        assert ours.prompt_tokens == len(encode(tokenizer, prompt)) and ours.completion_tokens == len(reference)
+
+
+def test_greedy_alone_equals_greedy_in_a_batch_of_8(composed):
+    model, tokenizer = composed
+    requests = [GenerationRequest(encode(tokenizer, p), max_tokens=10 + i) for i, p in enumerate(PROMPTS)]
+    batched = generate_batch(model, tokenizer, requests)
+    for request, result in zip(requests, batched):
+        alone = generate_batch(model, tokenizer, [request])[0]
+        assert alone.token_ids == result.token_ids and alone.finish_reason == result.finish_reason
+        if result.finish_reason == "length":
+            assert result.completion_tokens == request.max_tokens
+
+
+def test_sampling_is_reproducible_per_request_seed_whatever_the_batch(composed):
+    model, tokenizer = composed
+    seeded = GenerationRequest(encode(tokenizer, PROMPTS[0]), max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    others = [GenerationRequest(encode(tokenizer, p), max_tokens=8, temperature=1.0, seed=i)
+              for i, p in enumerate(PROMPTS[1:4])]
+    alone = generate_batch(model, tokenizer, [seeded])[0]
+    in_batch = generate_batch(model, tokenizer, others + [seeded])[-1]
+    assert alone.token_ids == in_batch.token_ids
+    different = generate_batch(model, tokenizer, [GenerationRequest(seeded.prompt_ids, max_tokens=8,
+                                                                    temperature=1.0, top_p=0.9, seed=8)])[0]
+    greedy = generate_batch(model, tokenizer, [GenerationRequest(seeded.prompt_ids, max_tokens=8)])[0]
+    assert alone.token_ids != different.token_ids and alone.token_ids != greedy.token_ids
+
+
+def test_stop_strings_cut_the_text_and_finish_the_request(composed):
+    model, tokenizer = composed
+    request = GenerationRequest(encode(tokenizer, PROMPTS[1]), max_tokens=12)
+    full = generate_batch(model, tokenizer, [request])[0]
+    assert len(full.text) > 3
+    stop = full.text[2:4]
+    cut = generate_batch(model, tokenizer, [GenerationRequest(request.prompt_ids, max_tokens=12, stop=[stop])])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert stop not in cut.text and cut.completion_tokens <= full.completion_tokens
+
+
+def test_routing_reports_the_mean_gate_over_generated_tokens(composed):
+    model, tokenizer = composed
+    results = generate_batch(model, tokenizer, [
+        GenerationRequest(encode(tokenizer, PROMPTS[0]), max_tokens=6, routing=True),
+        GenerationRequest(encode(tokenizer, PROMPTS[2]), max_tokens=6)])
+    routing = results[0].routing
+    assert list(routing) == ["math", "code", "medicine"] and sum(routing.values()) == pytest.approx(1.0, abs=1e-4)
+    assert results[1].routing is None
+    # the first generated token's gates are those of the prompt's last position in a plain forward
+    model(torch.tensor([encode(tokenizer, PROMPTS[0])]))
+    from modula_ray.experts import last_position_gates
+    first = last_position_gates(model)[0]
+    single = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]), max_tokens=1,
+                                                                 routing=True)])[0]
+    if single.finish_reason == "length":
+        assert list(single.routing.values()) == pytest.approx(first.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"prompt_ids": []}, "empty prompt"),
+                                             ({"max_tokens": 0}, "max_tokens"),
+                                             ({"temperature": -1}, "temperature"),
+                                             ({"top_p": 0}, "top_p")])
+def test_bad_requests_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**({"prompt_ids": [1, 2]} | kwargs))
