@@ -47,7 +47,12 @@ def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of the prompt as the model sees it at generation time."""
-    return _render(tokenizer, [{"role": "user", "content": prompt}], True)
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the chat template, ending with the assistant's turn."""
+    return _render(tokenizer, messages, True)
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> Encoded:

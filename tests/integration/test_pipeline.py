@@ -20,28 +20,19 @@ from modula_ray.models import load_base
 from modula_ray.train.ledger import overlaps
 from modula_ray.train.pipeline import add_domain, run_pipeline, run_stage
 from tests.helpers import randomise_experts
+from tests.integration.conftest import CONCURRENT, TINY
 
 pytestmark = pytest.mark.slow
-TINY = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny.yaml"
 LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens", "flops", "fit_started_at",
                "fit_ended_at", "train_started_at", "train_ended_at", "train_s", "startup_s", "resource_s",
                "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes"}
-# Stage 2 trains long enough (about 5 s) that "the two groups trained at the same time" means something.
-CONCURRENT = ["stages.experts.steps=60", "stages.experts.log_every=20", "stages.experts.checkpoint_every=30"]
-# Final losses of that config (random tiny Llama, seed 0); CPU-deterministic.
+# Final losses of the tiny config with CONCURRENT (random tiny Llama, seed 0); CPU-deterministic.
 PINNED_LOSS = {"universal": 6.2056, "math": 5.8523, "code": 5.9356, "router": 5.9898}
 
 
 def digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    manifest = run_pipeline(load_config(PipelineConfig, TINY, CONCURRENT), run_dir, command="pytest tiny")
-    return run_dir, manifest
 
 
 def test_manifest_records_every_part(tiny_run):

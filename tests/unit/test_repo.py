@@ -42,7 +42,8 @@ LAYERS = {"experts": {"train", "tune", "serve", "evaluation", "compose", "cli"},
           "data": {"train", "tune", "serve", "evaluation", "compose", "cli"},
           "compose": {"train", "tune", "serve", "evaluation", "cli"},
           "train": {"evaluation", "tune", "serve", "cli"},
-          "evaluation": {"train", "tune", "serve", "cli"}}
+          "evaluation": {"train", "tune", "serve", "cli"},
+          "serve": {"train", "tune", "evaluation", "cli"}}
 
 
 def imported_packages(path: Path) -> set[str]:
