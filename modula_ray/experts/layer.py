@@ -160,8 +160,9 @@ class ExpertLinear(nn.Module):
         stacked = cls(first.base, sum(layer.n_domains for layer in layers), **first.layer_kwargs)
         with torch.no_grad():
             if first.universal is not None:
+                universal = first.part_tensors("universal")
                 for name, tensor in stacked.part_tensors("universal").items():
-                    tensor.copy_(first.part_tensors("universal")[name])
+                    tensor.copy_(universal[name])
             for name, tensor in stacked.domain.named_parameters():
                 tensor.copy_(torch.cat([dict(layer.domain.named_parameters())[name] for layer in layers]))
         return stacked

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 MAX_TOKENS_LIMIT = 2048
 MAX_STOP = 4
@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 class _Sampling(_Strict):
     model: str = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: StrictInt = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # 2.5, "8" and true are refused
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
@@ -32,13 +32,6 @@ class _Sampling(_Strict):
     stream: bool = False
     user: str | None = None
     routing: bool = False           # modula-ray: also return the mean gate per expert
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _integer_tokens(cls, value):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("max_tokens must be an integer")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -101,13 +94,20 @@ class CompletionChoice(BaseModel):
     logprobs: dict | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
-    object: Literal["text_completion"] = "text_completion"
+class _Response(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+def _new_id(prefix: str):
+    return Field(default_factory=lambda: f"{prefix}-{uuid.uuid4().hex[:24]}")
+
+
+class CompletionResponse(_Response):
+    id: str = _new_id("cmpl")
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
     routing: list[dict[str, float] | None] | None = None
 
 
@@ -122,13 +122,10 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+class ChatCompletionResponse(_Response):
+    id: str = _new_id("chatcmpl")
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
     routing: dict[str, float] | None = None
 
 

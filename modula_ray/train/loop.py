@@ -91,15 +91,13 @@ def _saved_digests(task: StageTask, module) -> dict[str, str]:
             tensors_sha256(part_tensors(module, ref.part, ref.domain)) for ref in task.save}
 
 
-def _engine_name(engine, world: int) -> str:
+def _engine_name(engine) -> str:
     if engine.ds is not None:
         from deepspeed.runtime.engine import DeepSpeedEngine
 
         if isinstance(engine.ds, DeepSpeedEngine):
             return f"deepspeed-zero{engine.ds.zero_optimization_stage()}"
-    if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel):
-        return "ddp"
-    return "torch" if world == 1 else "torch-unwrapped"
+    return "ddp" if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel) else "torch"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -212,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
              "response_tokens": int(response_tokens), "trainable_params": n_trainable, "forward_params": n_forward,
              "peak_mem_mb": round(peak, 1), "examples": len(examples), "truncated": stats.truncated,
              "dropped": stats.dropped, "train_started_at": started, "train_ended_at": ended,
-             "resumed_from_step": resumed_from, "engine": _engine_name(engine, world),
+             "resumed_from_step": resumed_from, "engine": _engine_name(engine),
              "rank_nodes": _gather(ray.get_runtime_context().get_node_id(), world),
              "rank_part_sha256": digests, "done": True}
     with tempfile.TemporaryDirectory() as folder:

@@ -49,8 +49,7 @@ def send_ray_logs_to(run_dir) -> Path:
         if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
             logger.addHandler(handler)
         logger.propagate = False
-        if logger.level in (logging.NOTSET,) or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
+        logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
     return path
 
 
