@@ -1,29 +1,51 @@
 """The Ray Serve application: one deployment, a FastAPI ingress in OpenAI's shapes.
 
-``POST /v1/completions``, ``POST /v1/chat/completions`` (the base model's chat template),
-``GET /v1/models`` (one entry per composition: the run folder's name), ``GET /healthz``.
+| endpoint | |
+|---|---|
+| ``POST /v1/completions`` | text or token-id prompts; ``echo``/``logprobs`` (lm-eval's loglikelihood); SSE |
+| ``POST /v1/chat/completions`` | the base model's chat template; ``logprobs``; SSE with ``stream: true`` |
+| ``GET /v1/models``, ``GET /healthz`` | one entry per served name; health |
+| ``GET /tokenizer_info``, ``POST /tokenize``, ``/detokenize`` | lm-eval's remote tokenizer |
+| ``POST /v1/admin/experts`` | hot-plug a run folder after ``modula-ray add-domain`` (bearer admin token) |
+
 Requests from different compositions and domains meet in ``@serve.batch``: one
-``generate_batch`` call per composition over the whole batch, the router mixing the experts
-for every token of every request. Every error body is OpenAI's ``{"error": {...}}``: 422 for a
-bad body (malformed JSON included), 404 for an unknown model, 413 for a body over the limit,
-400 for what is not built yet (streaming, echo, logprobs).
+``BatchDecoder`` per loaded model over the batch, stepped token by token (so a row can stream),
+the router mixing the experts for every token of every row. Compositions live in a
+``serve.multiplexed`` LRU per replica; a hot-plug swaps the loaded model between batches, and a
+batch keeps the model it started with, so nothing in flight is dropped.
+
+Errors are OpenAI's ``{"error": {...}}``: 401 (API key or admin token), 403 (hot-plug outside the
+roots), 404 (unknown model; admin without a token configured), 408 (past ``request_timeout_s``),
+411/413 (body without a length, or over ``max_body_bytes``), 422 (a bad body), 503 (more than a
+batch plus ``max_queued_requests`` in this replica). A decode that fails marks the replica
+unhealthy, and Serve replaces it.
 """
 import asyncio  # no "from __future__ import annotations": FastAPI must see the body types, not strings
+import hmac
+import weakref
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from .generation import GenerationRequest, generate_batch
-from .schemas import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
-                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
-                      error_body, validation_error_body)
+from ..errors import ModulaError
+from .config import ServeArgs, deployment_options, parse_args
+from .generation import BatchDecoder, GenerationRequest
+from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load
+from .responses import DONE, chat_logprobs, completion_logprobs, public_reason, sse, usage
+from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                      ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionChunk, CompletionRequest,
+                      CompletionResponse, DetokenizeRequest, HotPlugRequest, ModelCard, ModelList, TokenizeRequest,
+                      error_body, new_id, validation_error_body)
 
-MAX_BODY_BYTES = 1 << 20
 api = FastAPI(title="modula-ray", description="OpenAI-compatible endpoint for mixtures of LoRA experts")
+api.state.max_body_bytes = ServeArgs.model_fields["max_body_bytes"].default
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout",
+               503: "server_overloaded"}
 
 
 @api.exception_handler(RequestValidationError)
@@ -33,103 +55,301 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    kinds = {404: "not_found_error", 413: "invalid_request_error", 503: "server_overloaded"}
-    return JSONResponse(error_body(str(exc.detail), type_=kinds.get(exc.status_code, "invalid_request_error")),
-                        status_code=exc.status_code)
+    code = {401: "invalid_api_key", 408: "timeout", 503: "overloaded"}.get(exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), type_=ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
+                                   code=code), status_code=exc.status_code, headers=exc.headers)
 
 
 @api.middleware("http")
 async def _body_limit(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return JSONResponse(error_body(f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}",
+    limit, length = api.state.max_body_bytes, request.headers.get("content-length")
+    if request.method == "POST" and length is None:
+        return JSONResponse(error_body("a request body needs a Content-Length header", code="length_required"),
+                            status_code=411)
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse(error_body(f"request body of {length} bytes is over the limit of {limit}",
                                        code="request_too_large"), status_code=413)
     return await call_next(request)
 
 
-def _usage(results) -> Usage:
-    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _bearer_ok(request: Request, secret: str) -> bool:
+    given = request.headers.get("authorization", "")
+    return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), secret.encode())
 
 
-@serve.deployment(max_ongoing_requests=32, health_check_period_s=10)
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(api)
 class CompositionServer:
-    """Serves finished run folders (``compositions``: ``{name: run dir}``) and, optionally, a base
-    model alone (``base_models``: ``{name: registered name or folder}``)."""
+    """Serves run folders (``args.runs``, named by folder) and base models alone (``args.base``)."""
 
-    def __init__(self, compositions: dict[str, str], base_models: dict | None = None):
-        from ..compose import load_composition
-        from ..models import load_base
+    async def __init__(self, args: dict):
+        self.args = ServeArgs(**args)
+        self.sources = {Path(r).name: (r, True) for r in self.args.runs} | {b: (b, False) for b in self.args.base}
+        self.roots = [*self.args.runs, *self.args.admin_roots]
+        self.known: weakref.WeakValueDictionary[str, Composition] = weakref.WeakValueDictionary()
+        self.in_flight, self.broken = 0, None
+        # Serve ships this class by value, with its own copy of ``api``; the middleware runs from the
+        # imported module, so set the limit on that module's app.
+        from modula_ray.serve import app as imported
 
-        self.models = {name: load_composition(run_dir) for name, run_dir in compositions.items()}
-        self.models.update({name: load_base(base) for name, base in (base_models or {}).items()})
+        imported.api.state.max_body_bytes = self.args.max_body_bytes
+        self._decode.set_max_batch_size(self.args.max_batch_size)
+        self._decode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+        async def load_by_name(name: str) -> Composition:
+            source, is_run = self.sources[name]
+            composition = Composition(name, await asyncio.to_thread(load, source, is_run=is_run))
+            self.known[name] = composition  # weakly: the multiplexed LRU decides what stays loaded
+            return composition
+
+        self._compositions = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(
+            load_by_name)
+        for name in list(self.sources)[:self.args.max_models_per_replica]:
+            await self._compositions(name)
 
     def check_health(self) -> None:
-        """Serve calls this every ``health_check_period_s``; raising marks the replica unhealthy."""
-        if not self.models:
-            raise RuntimeError("no model loaded")
+        """Serve calls this every ``health_check_period_s``; raising makes Serve replace the replica."""
+        if self.broken:
+            raise RuntimeError(f"a decode failed on this replica: {self.broken}")
 
-    def _model(self, name: str):
-        if name not in self.models:
-            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.models)}")
-        return self.models[name]
+    # -- guards ----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.args.api_key and not _bearer_ok(request, self.args.api_key):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <MODULA_RAY_API_KEY>)")
 
+    async def _loaded(self, name: str | None) -> Loaded:
+        name = name or next(iter(self.sources))
+        if name not in self.sources:
+            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.sources)}")
+        return (await self._compositions(name)).current
+
+    def _capacity_left(self, n: int) -> None:
+        if self.in_flight + n > self.args.capacity():
+            raise HTTPException(503, f"overloaded: {self.in_flight} requests in this replica, room for "
+                                     f"{self.args.capacity()}; retry later", headers={"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def _admitted(self, requests: list[GenerationRequest]):
+        self.in_flight += len(requests)
+        try:
+            async with asyncio.timeout(self.args.request_timeout_s):
+                yield
+        except TimeoutError:
+            raise HTTPException(408, f"generation took longer than request_timeout_s="
+                                     f"{self.args.request_timeout_s}") from None
+        finally:
+            self.in_flight -= len(requests)
+            for request in requests:
+                request.cancel()  # a finished row ignores it; a live one (timeout, client gone) stops
+
+    def _generation(self, loaded: Loaded, ids: list[int], body, logprobs: int | None = None,
+                    echo: bool = False) -> GenerationRequest:
+        vocab, window = len(loaded.tokenizer), getattr(loaded.model.config, "max_position_embeddings", None)
+        if max(ids) >= vocab:
+            raise HTTPException(422, f"prompt: token id {max(ids)} is outside the vocabulary of {vocab}")
+        if window and len(ids) + body.max_tokens > window:
+            raise HTTPException(422, f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) is over the "
+                                     f"model's context of {window} tokens")
+        return GenerationRequest(ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                 seed=body.seed, stop=body.stops(), routing=body.routing, logprobs=logprobs, echo=echo)
+
+    # -- generation ------------------------------------------------------------------------------
+    async def _events(self, loaded: Loaded, requests: list[GenerationRequest]):
+        """``(index, StepEvent)`` of every request as they come, each request in the shared batch."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest):
+            try:
+                async for event in self._decode((loaded, request)):
+                    await queue.put((index, event))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            for _ in range(len(requests)):
+                while (item := await queue.get())[1] is not None:
+                    yield item
+            await asyncio.gather(*tasks)  # surfaces a decode failure
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _results(self, loaded: Loaded, requests: list[GenerationRequest]):
+        self._capacity_left(len(requests))
+        results = [None] * len(requests)
+        async with self._admitted(requests):
+            async for index, event in self._events(loaded, requests):
+                results[index] = event.result or results[index]
+        return results
+
+    def _stream(self, loaded: Loaded, requests: list[GenerationRequest], chunks, include_usage: bool):
+        """SSE of ``chunks(index, event)``; overload is a status (checked first), a timeout an event."""
+        self._capacity_left(len(requests))
+
+        async def body():
+            results = [None] * len(requests)
+            try:
+                async with self._admitted(requests):
+                    async for index, event in self._events(loaded, requests):
+                        results[index] = event.result or results[index]
+                        for chunk in chunks(index, event):
+                            yield sse(chunk)
+                if include_usage:
+                    yield sse({"choices": [], "usage": usage(results).model_dump()})
+            except HTTPException as error:
+                yield sse(error_body(str(error.detail), type_=ERROR_TYPES.get(error.status_code), code="timeout"))
+            yield DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _decode(self, items: list[tuple[Loaded, GenerationRequest]]):
+        """One ``BatchDecoder`` per loaded model in the batch, stepped together off the event loop;
+        yields one event per request per step (``StopIteration`` once a request has finished)."""
+        groups: dict[int, list[int]] = {}
+        for index, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(index)
+        try:
+            decoders = [(rows, await asyncio.to_thread(BatchDecoder, items[rows[0]][0].model,
+                                                       items[rows[0]][0].tokenizer, [items[i][1] for i in rows]))
+                        for rows in groups.values()]
+            while not all(decoder.done for _, decoder in decoders):
+                events = [StopIteration] * len(items)
+                for rows, decoder in decoders:
+                    if not decoder.done:
+                        for index, event in zip(rows, await asyncio.to_thread(decoder.step)):
+                            events[index] = event if event is not None else StopIteration
+                yield events
+        except Exception as error:
+            self.broken = f"{type(error).__name__}: {error}"
+            raise
+
+    # -- endpoints -------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "models": sorted(self.models)}
+        return {"status": "ok", "models": sorted(self.sources)}
 
     @api.get("/v1/models")
-    def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name) for name in sorted(self.models)])
-
-    def _request(self, ids: list[int], body) -> GenerationRequest:
-        return GenerationRequest(ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                 seed=body.seed, stop=body.stops(), routing=body.routing)
+    def list_models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        return ModelList(data=[ModelCard(id=name) for name in sorted(self.sources)])
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> CompletionResponse:
-        if body.stream or body.echo or body.logprobs is not None:
-            raise HTTPException(400, "stream, echo and logprobs are not supported by this server yet")
-        _, tokenizer = self._model(body.model)
-        requests = [self._request(tokenizer(p).input_ids, body) for p in body.prompts()]
-        results = await asyncio.gather(*[self._generate((body.model, r)) for r in requests])
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-        return CompletionResponse(model=body.model, choices=choices, usage=_usage(results),
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        loaded = await self._loaded(body.model)
+        prompts = [p if isinstance(p, list) else loaded.tokenizer(p).input_ids for p in body.prompts()]
+        requests = [self._generation(loaded, ids, body, body.logprobs, body.echo) for ids in prompts]
+        cid = new_id("cmpl")
+
+        if body.stream:
+            def chunks(index, event):
+                if event.delta or event.result:
+                    yield CompletionChunk(id=cid, model=body.model, choices=[CompletionChoice(
+                        index=index, text=event.delta, finish_reason=public_reason(event.result) if event.result else None)])
+            return self._stream(loaded, requests, chunks, bool(body.stream_options and body.stream_options.include_usage))
+        results = await self._results(loaded, requests)
+        choices = []
+        for index, (request, result) in enumerate(zip(requests, results)):
+            prompt_text = loaded.tokenizer.decode(request.prompt_ids)
+            logprobs = None
+            if result.logprobs is not None:  # with echo: the prompt's tokens too, offsets from its start
+                entries = result.logprobs if body.echo else result.logprobs[len(result.logprobs) - result.completion_tokens:]
+                logprobs = completion_logprobs(loaded.tokenizer, entries, 0 if body.echo else len(prompt_text))
+            choices.append(CompletionChoice(index=index, text=(prompt_text if body.echo else "") + result.text,
+                                            finish_reason=public_reason(result), logprobs=logprobs))
+        return CompletionResponse(id=cid, model=body.model, usage=usage(results), choices=choices,
                                   routing=[r.routing for r in results] if body.routing else None)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         from ..data.formatting import chat_ids
 
+        self._authorize(request)
+        loaded = await self._loaded(body.model)
+        ids = chat_ids(loaded.tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [self._generation(loaded, ids, body, logprobs)]
+        cid = new_id("chatcmpl")
         if body.stream:
-            raise HTTPException(400, "stream: true is not supported by this server yet")
-        _, tokenizer = self._model(body.model)
-        ids = chat_ids(tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
-        result = await self._generate((body.model, self._request(ids, body)))
-        choice = ChatChoice(index=0, message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)
-        return ChatCompletionResponse(model=body.model, choices=[choice], usage=_usage([result]),
+            first = [True]
+
+            def chunks(index, event):
+                if event.delta or event.result or first[0]:
+                    role, first[0] = ("assistant" if first[0] else None), False
+                    yield ChatCompletionChunk(id=cid, model=body.model, choices=[ChatChunkChoice(
+                        index=0, delta=ChatDelta(role=role, content=event.delta),
+                        finish_reason=public_reason(event.result) if event.result else None)])
+            return self._stream(loaded, requests, chunks, bool(body.stream_options and body.stream_options.include_usage))
+        [result] = await self._results(loaded, requests)
+        scored = None if result.logprobs is None else chat_logprobs(loaded.tokenizer, result.logprobs)
+        choice = ChatChoice(index=0, message=ChatChoiceMessage(content=result.text),
+                            finish_reason=public_reason(result), logprobs=scored)
+        return ChatCompletionResponse(id=cid, model=body.model, choices=[choice], usage=usage([result]),
                                       routing=result.routing)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate(self, items: list[tuple[str, GenerationRequest]]):
-        """One ``generate_batch`` per composition over every request of the batch, off the event loop."""
-        results = [None] * len(items)
-        for name in dict.fromkeys(name for name, _ in items):
-            rows = [i for i, (n, _) in enumerate(items) if n == name]
-            model, tokenizer = self.models[name]
-            done = await asyncio.to_thread(generate_batch, model, tokenizer, [items[i][1] for i in rows])
-            for i, result in zip(rows, done):
-                results[i] = result
-        return results
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict:
+        self._authorize(request)
+        tokenizer = (await self._loaded(model)).tokenizer
+        return {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": tokenizer.model_max_length}
+
+    @api.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict:
+        self._authorize(request)
+        tokens = (await self._loaded(body.model)).tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": tokens.input_ids, "count": len(tokens.input_ids)}
+
+    @api.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
+        self._authorize(request)
+        return {"prompt": (await self._loaded(body.model)).tokenizer.decode(body.tokens)}
+
+    @api.post("/v1/admin/experts")
+    async def hot_plug(self, body: HotPlugRequest, request: Request) -> dict:
+        """Load ``run_dir`` again (its new expert and retrained router) and swap it in."""
+        if not self.args.admin_token:
+            raise HTTPException(404, "the admin endpoint is disabled: no admin token is configured")
+        if not _bearer_ok(request, self.args.admin_token):
+            raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <MODULA_RAY_ADMIN_TOKEN>)")
+        try:
+            run_dir = inside_roots(body.run_dir, self.roots)
+        except OutsideRootsError as error:
+            raise HTTPException(403, str(error)) from None
+        name = body.model or run_dir.name
+        if name in self.sources and not self.sources[name][1]:
+            raise HTTPException(409, f"{name!r} is a base model served alone; name another model")
+        held, before = self.known.get(name), self.sources.get(name)
+        try:
+            if held is not None:  # loaded on this replica: load the new one beside it, then swap
+                previous = held.swap(await asyncio.to_thread(load, str(run_dir), is_run=True))
+            else:                 # not loaded here (new, or evicted): the multiplexed cache loads it
+                self.sources[name], previous = (str(run_dir), True), None
+                held = await self._compositions(name)
+        except (ModulaError, OSError) as error:
+            if before is None:
+                self.sources.pop(name, None)
+            raise HTTPException(422, f"run_dir: {error}") from None
+        self.sources[name] = (str(run_dir), True)
+        return {"model": name, "run_dir": str(run_dir), "experts": held.current.experts,
+                "previous_experts": previous.experts if previous else [],
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
 
-def build_app(run_dirs: list[str], *, base_models: list[str] = ()):
-    """The bound application: compositions are named after their run folders (must be distinct)."""
-    compositions = {}
-    for run_dir in run_dirs:
-        name = Path(run_dir).resolve().name
-        if name in compositions:
-            raise ValueError(f"two run folders are both named {name!r}: {compositions[name]} and {run_dir}")
-        compositions[name] = str(Path(run_dir).resolve())
-    return CompositionServer.bind(compositions, {name: name for name in base_models})
+def app_builder(args: dict):
+    """Serve's application builder (``import_path: modula_ray.serve.app:app_builder``): ``args``
+    are ``ServeArgs``; ``deployment`` (optional) the Serve options of ``CompositionServer``."""
+    args = dict(args)
+    options = args.pop("deployment", None)
+    served = parse_args(args).resolved()
+    names = [Path(r).name for r in served.runs]
+    if len(set(names)) != len(names):
+        raise ModulaError(f"two run folders share a name; each is served under its folder name: {served.runs}")
+    return CompositionServer.options(**deployment_options(served, options)).bind(served.model_dump())
+
+
+def build_app(run_dirs: list[str], *, base_models: list[str] = (), **args):
+    """The bound application for ``run_dirs`` (and base models alone); ``args``: more ``ServeArgs``."""
+    return app_builder({"runs": [str(r) for r in run_dirs], "base": list(base_models), **args})

@@ -1,16 +1,22 @@
 """Batched generation over a composed model: requests from different domains in one forward pass.
 
-``generate_batch(model, tokenizer, requests)`` decodes every request together:
+``BatchDecoder(model, tokenizer, requests)`` decodes every request together, one ``step()`` per
+token, so a caller can stream; ``generate_batch`` runs it to the end.
 
 - prompts are **left-padded** to one length; ``position_ids`` count real tokens only, so a row's
   positions (and so its logits) do not depend on the others' lengths;
 - one prefill forward, then one decode forward per step over the **KV cache**;
 - each request stops on its own: ``max_tokens`` (``finish_reason="length"``), EOS or one of its
-  ``stop`` strings (``"stop"``; the text is cut before the stop string). A finished row keeps
-  decoding padding until the batch is done, but nothing of it is returned;
+  ``stop`` strings (``"stop"``; the text is cut before the stop string), or ``cancel()`` (the
+  client left: the row stops decoding). A finished row feeds padding until the batch is done;
 - sampling per request: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature), cut
   to the smallest set whose mass reaches ``top_p``, drawn with the request's own ``seed`` (a
   ``torch.Generator`` per row, so a request draws the same tokens whatever it is batched with);
+- streamed text holds back a tail that could still become a stop string or an unfinished UTF-8
+  character, so nothing sent is ever taken back;
+- ``logprobs=k``: log p(token) under the model's own distribution (before temperature) and the
+  top ``k``; with ``echo`` the prompt's tokens too, from the prefill (the first has none). The
+  EOS token that ends a row is scored like any generated token but never appears in the text;
 - with ``routing=True``, the mean gate per routed expert over the positions that produced the
   generated tokens (averaged over every router), from ``Router.last_gates``.
 
@@ -33,6 +39,9 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     routing: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    cancelled: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -44,15 +53,34 @@ class GenerationRequest:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def cancel(self) -> None:
+        """Stop decoding this row at the next step (its client is gone or timed out)."""
+        self.cancelled = True
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float | None                   # None for the first prompt token
+    top: dict[int, float] | None = None     # the k most likely token ids at that position
+
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str                       # stop | length
+    finish_reason: str                       # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
     routing: dict[str, float] | None = None
+    logprobs: list[TokenLogprob] | None = None   # prompt tokens first when echo, then generated
+
+
+@dataclass
+class StepEvent:
+    """One row's news from one step: new text, and its result on its last event."""
+    delta: str
+    result: GenerationResult | None = None
 
 
 def _left_pad(requests: list[GenerationRequest], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -78,63 +106,129 @@ def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Gen
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def _scored(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """log p of each ``token_ids[i]`` under ``logits[i]`` (``[n, vocab]``) and the top ``k``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()
+    top_values, top_ids = logp.topk(max(k, 1), dim=-1)
+    return [TokenLogprob(token, value, dict(zip(ids[:k], values[:k])) if k else None)
+            for token, value, ids, values in zip(token_ids, chosen, top_ids.tolist(), top_values.tolist())]
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     hits = [text.find(s) for s in stops if s and s in text]
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    """Decode ``requests`` together (see the module docstring); results in request order."""
-    from ..experts import last_position_gates, spec_of
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might still turn into a stop string or a finished character."""
+    tail = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        tail = max([tail] + [k for k in range(1, min(len(stop), len(text)) + 1) if text.endswith(stop[:k])])
+    return tail
 
-    if not requests:
-        return []
-    device = next(model.parameters()).device
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = {tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])
-    eos.discard(None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    ids, mask, positions = _left_pad(requests, pad_id, device)
-    generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
-    routed = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    tokens = [[] for _ in requests]
-    texts, reasons = [""] * len(requests), [None] * len(requests)
-    gate_sums, gate_steps = [torch.zeros(len(routed)) for _ in requests], [0] * len(requests)
-    for step in range(max(r.max_tokens for r in requests)):
-        gates = last_position_gates(model)
-        next_ids = torch.full((len(requests),), pad_id, dtype=torch.long, device=device)
+
+class BatchDecoder:
+    """Decodes ``requests`` together; ``step()`` returns one ``StepEvent`` (or ``None`` once the
+    row has finished) per request, until ``done``."""
+
+    def __init__(self, model, tokenizer, requests: list[GenerationRequest]):
+        from ..experts import spec_of
+
+        self.model, self.tokenizer, self.requests = model, tokenizer, requests
+        self.device = next(model.parameters()).device
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos = {tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])
+        self.eos.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
+        self.generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
+        self.routed = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
+        n = len(requests)
+        self.tokens, self.texts, self.sent = [[] for _ in range(n)], [""] * n, [0] * n
+        self.reasons: list[str | None] = [None] * n
+        self.gate_sums, self.gate_steps = [torch.zeros(len(self.routed)) for _ in range(n)], [0] * n
+        self.scores: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        ids, self.mask, self.positions = _left_pad(requests, self.pad_id, self.device)
+        with torch.no_grad():
+            self.out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True)
         for row, request in enumerate(requests):
-            if reasons[row] is not None:
+            if request.echo and request.logprobs is not None:
+                length = len(request.prompt_ids)
+                prompt_logits = self.out.logits[row, ids.shape[1] - length:ids.shape[1] - 1]
+                self.scores[row] = ([TokenLogprob(request.prompt_ids[0], None)]
+                                    + _scored(prompt_logits, request.prompt_ids[1:], request.logprobs))
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.reasons)
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent | None]:
+        """Pick every live row's next token, then run one decode forward if any row goes on."""
+        from ..experts import last_position_gates
+
+        gates = last_position_gates(self.model)
+        next_ids = torch.full((len(self.requests),), self.pad_id, dtype=torch.long, device=self.device)
+        events: list[StepEvent | None] = [None] * len(self.requests)
+        for row, request in enumerate(self.requests):
+            if self.reasons[row] is not None:
+                continue
+            if request.cancelled:
+                self.reasons[row] = "cancelled"
+                events[row] = StepEvent("", self._result(row))
                 continue
             if gates is not None:
-                gate_sums[row] += gates[row].cpu()
-                gate_steps[row] += 1
-            token = _pick(out.logits[row, -1], request, generators[row])
+                self.gate_sums[row] += gates[row].cpu()
+                self.gate_steps[row] += 1
+            logits = self.out.logits[row, -1]
+            token = _pick(logits, request, self.generators[row])
             next_ids[row] = token
-            if token in eos:
-                reasons[row] = "stop"
-                continue
-            tokens[row].append(token)
-            texts[row], stopped = _cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True),
-                                               request.stop)
+            if request.logprobs is not None:
+                self.scores[row] += _scored(logits[None], [token], request.logprobs)
+            events[row] = self._advance(row, token)
+        if not self.done:
+            self.mask = torch.cat([self.mask, torch.ones((len(self.requests), 1), dtype=self.mask.dtype,
+                                                         device=self.device)], dim=1)
+            self.positions = self.positions[:, -1:] + 1
+            self.out = self.model(input_ids=next_ids[:, None], attention_mask=self.mask, position_ids=self.positions,
+                                  past_key_values=self.out.past_key_values, use_cache=True)
+        return events
+
+    def _advance(self, row: int, token: int) -> StepEvent:
+        request = self.requests[row]
+        self.tokens[row].append(token)
+        if token in self.eos:
+            self.reasons[row] = "stop"
+        else:
+            text = self.tokenizer.decode([t for t in self.tokens[row] if t not in self.eos], skip_special_tokens=True)
+            self.texts[row], stopped = _cut_at_stop(text, request.stop)
             if stopped:
-                reasons[row] = "stop"
-            elif len(tokens[row]) >= request.max_tokens:
-                reasons[row] = "length"
-        if all(reason is not None for reason in reasons):
-            break
-        mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=mask.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
-    results = []
-    for row, request in enumerate(requests):
+                self.reasons[row] = "stop"
+            elif len(self.tokens[row]) >= request.max_tokens:
+                self.reasons[row] = "length"
+        text = self.texts[row]
+        ready = len(text) if self.reasons[row] else len(text) - _held_back(text, request.stop)
+        delta, self.sent[row] = text[self.sent[row]:ready], max(self.sent[row], ready)
+        return StepEvent(delta, self._result(row) if self.reasons[row] else None)
+
+    def _result(self, row: int) -> GenerationResult:
+        request, steps = self.requests[row], self.gate_steps[row]
         routing = None
-        if request.routing and gate_steps[row]:
-            routing = {name: round(float(value) / gate_steps[row], 6) for name, value in zip(routed, gate_sums[row])}
-        results.append(GenerationResult(token_ids=tokens[row], text=texts[row], finish_reason=reasons[row],
-                                        prompt_tokens=len(request.prompt_ids),
-                                        completion_tokens=len(tokens[row]), routing=routing))
+        if request.routing and steps:
+            routing = {name: round(float(value) / steps, 6) for name, value in zip(self.routed, self.gate_sums[row])}
+        return GenerationResult(token_ids=self.tokens[row], text=self.texts[row], finish_reason=self.reasons[row],
+                                prompt_tokens=len(request.prompt_ids), completion_tokens=len(self.tokens[row]),
+                                routing=routing, logprobs=self.scores[row] if request.logprobs is not None else None)
+
+
+def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Decode ``requests`` together to the end (see the module docstring); results in request order."""
+    if not requests:
+        return []
+    decoder = BatchDecoder(model, tokenizer, requests)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    while not decoder.done:
+        for row, event in enumerate(decoder.step()):
+            if event is not None and event.result is not None:
+                results[row] = event.result
     return results

@@ -2,8 +2,10 @@
 
 Requests reject unknown fields (OpenAI answers "Unrecognized request argument"), empty prompts
 and messages, and out-of-range numbers; the ingress turns a ``ValidationError`` into 422 with
-OpenAI's ``{"error": {...}}`` body (``error_body``). ``MAX_TOKENS_LIMIT`` is the default cap on
-``max_tokens``; the Serve config can lower it.
+OpenAI's ``{"error": {...}}`` body (``error_body``). A completion prompt is text or token ids
+(one or a list of either), as in OpenAI's API. ``MAX_TOKENS_LIMIT`` is the cap on ``max_tokens``.
+Also here: streaming chunks, the tokenizer endpoints lm-eval's remote tokenizer calls
+(``/tokenizer_info``, ``/tokenize``, ``/detokenize``) and the admin hot-plug body.
 """
 from __future__ import annotations
 
@@ -11,14 +13,19 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictInt, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 2048
 MAX_STOP = 4
+MAX_PROMPTS = 32
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
 
 
 class _Sampling(_Strict):
@@ -30,6 +37,7 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     routing: bool = False           # modula-ray: also return the mean gate per expert
 
@@ -47,21 +55,36 @@ class _Sampling(_Strict):
         return list(self.stop or [])
 
 
+TokenIds = list[NonNegativeInt]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(not p for p in prompts):
+        if not value or any(p in ("", []) for p in cls._split(value)):
             raise ValueError("prompt must not be empty")
+        if len(cls._split(value)) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @staticmethod
+    def _split(prompt) -> list:
+        return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+
+    @model_validator(mode="after")
+    def _not_streamed_with_logprobs(self):
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError("echo and logprobs are answered without streaming: set stream to false")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        return self._split(self.prompt)
 
 
 class ChatMessage(_Strict):
@@ -72,6 +95,8 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=5)
 
     @field_validator("messages")
     @classmethod
@@ -87,11 +112,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape lm-eval reads: one entry per token (prompt first with echo)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: dict | None = None
+    finish_reason: FinishReason | None
+    logprobs: CompletionLogprobs | None = None
 
 
 class _Response(BaseModel):
@@ -100,8 +136,12 @@ class _Response(BaseModel):
     usage: Usage
 
 
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
 def _new_id(prefix: str):
-    return Field(default_factory=lambda: f"{prefix}-{uuid.uuid4().hex[:24]}")
+    return Field(default_factory=lambda: new_id(prefix))
 
 
 class CompletionResponse(_Response):
@@ -116,10 +156,25 @@ class ChatChoiceMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -127,6 +182,52 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     routing: dict[str, float] | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+
+
+class _Chunk(BaseModel):
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(_Chunk):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class TokenizeRequest(_Strict):
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: TokenIds
+    model: str | None = None
+
+
+class HotPlugRequest(_Strict):
+    """``POST /v1/admin/experts``: reload a run folder (after ``modula-ray add-domain``)."""
+    run_dir: str = Field(min_length=1)
+    model: str | None = None        # default: the folder's name
 
 
 class ModelCard(BaseModel):

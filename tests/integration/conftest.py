@@ -1,6 +1,8 @@
 """One in-process Ray for the integration tests (4 logical CPUs on a 2-core machine), and the tiny
 pipeline's run that several modules share."""
+import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -38,3 +40,82 @@ def tiny_run(ray_local, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     manifest = run_pipeline(load_config(PipelineConfig, TINY, CONCURRENT), run_dir, command="pytest tiny")
     return run_dir, manifest
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("ray"))
+    return target
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def added(tiny_run, tmp_path_factory):
+    """``(run_dir, manifest, digests before)``: a copy of the tiny run after ``add_domain("finance")``."""
+    from modula_ray.train.pipeline import add_domain
+
+    run_dir = copy_run(tiny_run[0], tmp_path_factory.mktemp("runs") / "added")
+    before = {name: digests(run_dir / name) for name in ("universal", "experts/math", "experts/code")}
+    return run_dir, add_domain("finance", run_dir), before
+
+
+# -- Serve on 127.0.0.1: shared by test_serve*.py -------------------------------------------------
+ADMIN_TOKEN, API_KEY = "admin-secret", "user-key"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(url: str, path: str, body=None, *, raw: bytes | None = None, token: str | None = None,
+         timeout: float = 60) -> tuple[int, dict]:
+    """One request with a timeout; ``(status, JSON body)`` whatever the status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tiny_run, tmp_path_factory):
+    """Two Serve applications on one free port:
+
+    - ``/``: the tiny run (``tiny``), a copy of it under a hot-plug root (``hot``) and the base model
+      alone (``tiny-llama``), with an admin token;
+    - ``/tight``: the tiny run with an API key and small limits (batch 2, queue 2, 1.5 s, 4 KiB).
+    """
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from modula_ray.serve.app import build_app
+
+    roots = tmp_path_factory.mktemp("served")
+    hot = copy_run(tiny_run[0], roots / "hot")
+    outside = copy_run(tiny_run[0], tmp_path_factory.mktemp("elsewhere") / "outside")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app([tiny_run[0], hot], base_models=["tiny-llama"], admin_token=ADMIN_TOKEN,
+                        admin_roots=[str(roots)]), name="main", route_prefix="/")
+    serve.run(build_app([tiny_run[0]], api_key=API_KEY, max_batch_size=2, max_queued_requests=2,
+                        request_timeout_s=1.5, max_body_bytes=4096), name="tight", route_prefix="/tight")
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", name=tiny_run[0].name, hot=hot, outside=outside,
+                              tight=f"http://127.0.0.1:{port}/tight")
+    finally:
+        serve.shutdown()

@@ -1,9 +1,7 @@
 """The tiny pipeline end to end on a real in-process Ray: three stages, stage 2 concurrent,
 manifest and ledger, the routing table, re-runs, lineage checks, add-domain, the molora baseline
 and the cost comparison."""
-import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from modula_ray.models import load_base
 from modula_ray.train.ledger import overlaps
 from modula_ray.train.pipeline import add_domain, run_pipeline, run_stage
 from tests.helpers import randomise_experts
-from tests.integration.conftest import CONCURRENT, TINY
+from tests.integration.conftest import CONCURRENT, TINY, copy_run, digests
 
 pytestmark = pytest.mark.slow
 LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens", "flops", "fit_started_at",
@@ -28,11 +26,6 @@ LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens"
                "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes"}
 # Final losses of the tiny config with CONCURRENT (random tiny Llama, seed 0); CPU-deterministic.
 PINNED_LOSS = {"universal": 6.2056, "math": 5.8523, "code": 5.9356, "router": 5.9898}
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_manifest_records_every_part(tiny_run):
@@ -128,11 +121,6 @@ def test_rerun_does_nothing_unless_forced(tiny_run):
     assert (digests(run_dir / "experts") | digests(run_dir / "universal") | digests(run_dir / "router")) == before
 
 
-def copy_run(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("ray"))
-    return target
-
-
 def test_a_retrained_universal_invalidates_the_experts(tiny_run, tmp_path):
     run_dir = copy_run(tiny_run[0], tmp_path / "swapped")
     model, _ = load_base("tiny-llama")
@@ -163,15 +151,6 @@ def test_every_failed_stage2_group_is_reported(tiny_run, ray_local, tmp_path):
         run_stage(config, run_dir, "experts", force=True)
     assert set(info.value.failures) == {"experts/math", "experts/code"}
     assert "experts/math:" in str(info.value) and "experts/code:" in str(info.value)
-
-
-@pytest.fixture(scope="module")
-def added(tiny_run, tmp_path_factory):
-    source, _ = tiny_run
-    run_dir = copy_run(source, tmp_path_factory.mktemp("runs") / "added")
-    before = {name: digests(run_dir / name) for name in ("universal", "experts/math", "experts/code")}
-    manifest = add_domain("finance", run_dir)
-    return run_dir, manifest, before
 
 
 def test_add_domain_keeps_existing_experts_byte_identical(added):

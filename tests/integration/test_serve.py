@@ -1,132 +1,168 @@
-"""The Serve endpoint on 127.0.0.1 over the tiny pipeline's run, called by the official `openai`
-client and by plain HTTP for the bad-input matrix. Every loop is bounded; every call has a timeout."""
+"""The Serve endpoint on 127.0.0.1 over the tiny pipeline's run: the official `openai` client
+(completions, chat, streaming), plain HTTP and curl for the bad-input matrix, and the command
+itself with Ctrl-C. Every loop is bounded; every call has a timeout."""
 import json
-import socket
-import urllib.error
-import urllib.request
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.integration.conftest import call, free_port
+
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def client(url: str, key: str = "unused"):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, timeout=60, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def endpoint(ray_local, tiny_run):
-    from ray import serve
-
-    from modula_ray.serve.app import build_app
-
-    run_dir, _ = tiny_run
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app([str(run_dir)], base_models=["tiny-llama"]), name="modula-ray-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}", run_dir.name
-    finally:
-        serve.shutdown()
+def test_health_and_models(served):
+    assert call(served.url, "/healthz") == (200, {"status": "ok", "models": ["hot", "tiny", "tiny-llama"]})
+    status, models = call(served.url, "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["hot", "tiny", "tiny-llama"]
 
 
-def call(url: str, path: str, body=None, *, raw: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"},
-                                     method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_health_and_models(endpoint):
-    url, name = endpoint
-    assert call(url, "/healthz") == (200, {"status": "ok", "models": sorted([name, "tiny-llama"])})
-    status, models = call(url, "/v1/models")
-    assert status == 200 and {m["id"] for m in models["data"]} == {name, "tiny-llama"}
-
-
-def test_the_openai_client_completes_and_chats(endpoint):
-    openai = pytest.importorskip("openai")
-    url, name = endpoint
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
-    completion = client.completions.create(model=name, prompt="What is 3 + 4?", max_tokens=5, temperature=0)
+def test_the_openai_client_completes_and_chats(served):
+    openai = client(served.url)
+    completion = openai.completions.create(model=served.name, prompt="What is 3 + 4?", max_tokens=5, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.prompt_tokens > 0
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hello"}],
+    chat = openai.chat.completions.create(model=served.name, messages=[{"role": "user", "content": "hello"}],
                                           max_tokens=4, temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
-    base = client.completions.create(model="tiny-llama", prompt="hello", max_tokens=3, temperature=0)
+    base = openai.completions.create(model="tiny-llama", prompt="hello", max_tokens=3, temperature=0)
     assert base.model == "tiny-llama"
 
 
-def test_routing_is_reported_per_choice(endpoint):
-    url, name = endpoint
-    status, body = call(url, "/v1/completions", {"model": name, "prompt": ["1 + 1", "def f():"], "max_tokens": 3,
-                                                 "temperature": 0, "routing": True})
+def test_streamed_chat_and_completions_add_up_to_the_unstreamed_answer(served):
+    openai = client(served.url)
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    whole = openai.chat.completions.create(model=served.name, messages=messages, max_tokens=12, temperature=0)
+    chunks = list(openai.chat.completions.create(model=served.name, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    prompts = ["def f(x):", "the patient takes"]
+    plain = openai.completions.create(model="hot", prompt=prompts, max_tokens=8, temperature=0)
+    texts = {0: "", 1: ""}
+    for chunk in openai.completions.create(model="hot", prompt=prompts, max_tokens=8, temperature=0, stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert [texts[0], texts[1]] == [c.text for c in sorted(plain.choices, key=lambda c: c.index)]
+
+
+def test_routing_is_reported_per_choice(served):
+    status, body = call(served.url, "/v1/completions", {"model": served.name, "prompt": ["1 + 1", "def f():"],
+                                                        "max_tokens": 3, "temperature": 0, "routing": True})
     assert status == 200 and len(body["routing"]) == 2
     for routing in body["routing"]:
         assert set(routing) == {"math", "code"} and sum(routing.values()) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_greedy_output_is_the_same_alone_and_batched(endpoint):
-    url, name = endpoint
+def test_greedy_output_is_the_same_alone_and_batched_across_compositions(served):
     prompts = ["What is 3 + 4?", "the patient takes", "def add(a, b):", "organic apples", "7 * 8 =",
                "the market price", "answer:", "x y z"]
-    body = lambda p: {"model": name, "prompt": p, "max_tokens": 6, "temperature": 0}  # noqa: E731
-    alone = [call(url, "/v1/completions", body(p))[1]["choices"][0]["text"] for p in prompts]
+    models = [served.name, "hot", "tiny-llama", served.name] * 2
+
+    def text(pair):
+        model, prompt = pair
+        status, body = call(served.url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 6,
+                                                            "temperature": 0})
+        assert status == 200, body
+        return body["choices"][0]["text"]
+
+    alone = [text(pair) for pair in zip(models, prompts)]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda p: call(url, "/v1/completions", body(p))[1]["choices"][0]["text"], prompts))
+        together = list(pool.map(text, zip(models, prompts)))
     assert together == alone
+
+
+def test_echoed_logprobs_are_the_models_own(served):
+    """What lm-eval's loglikelihood reads: prompt tokens scored, the first with none, top-1 present."""
+    status, tokens = call(served.url, "/tokenize", {"prompt": "the market price", "add_special_tokens": False})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) > 1
+    status, body = call(served.url, "/v1/completions", {"model": served.name, "prompt": tokens["tokens"],
+                                                        "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True})
+    logprobs = body["choices"][0]["logprobs"]
+    assert status == 200 and len(logprobs["token_logprobs"]) == len(tokens["tokens"]) + 1
+    assert logprobs["token_logprobs"][0] is None and all(v < 0 for v in logprobs["token_logprobs"][1:])
+    assert body["choices"][0]["text"].startswith(call(served.url, "/detokenize", {"tokens": tokens["tokens"]})[1]["prompt"])
+    last_top = logprobs["top_logprobs"][-1]
+    assert max(last_top.values()) == pytest.approx(logprobs["token_logprobs"][-1])  # greedy picks the top-1
 
 
 @pytest.mark.parametrize("body, status, param", [
     ({"prompt": ""}, 422, "prompt"), ({"prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
     ({"prompt": "x", "max_tokens": 1.5}, 422, "max_tokens"), ({"prompt": "x", "bogus": 1}, 422, "bogus"),
-    ({"prompt": "x", "model": "nope"}, 404, None), ({"prompt": "x", "stream": True}, 400, None)])
-def test_bad_requests_get_4xx_with_an_openai_error_body(endpoint, body, status, param):
-    url, name = endpoint
-    code, reply = call(url, "/v1/completions", {"model": name} | body)
+    ({"prompt": "x", "model": "nope"}, 404, None), ({"prompt": [10 ** 6]}, 422, None),
+    ({"prompt": "x", "max_tokens": 2000}, 422, None), ({"prompt": "x", "stream": True, "echo": True}, 422, None)])
+def test_bad_requests_get_4xx_with_an_openai_error_body(served, body, status, param):
+    code, reply = call(served.url, "/v1/completions", {"model": served.name} | body)
     assert code == status and set(reply["error"]) >= {"message", "type", "param", "code"}
     if param:
         assert reply["error"]["param"].startswith(param)
     elif status == 404:
-        assert name in reply["error"]["message"] and "tiny-llama" in reply["error"]["message"]
-    else:
-        assert "not supported" in reply["error"]["message"]
+        assert served.name in reply["error"]["message"] and "tiny-llama" in reply["error"]["message"]
 
 
-def test_malformed_json_and_oversized_bodies_are_refused(endpoint):
-    url, name = endpoint
-    code, reply = call(url, "/v1/completions", raw=b'{"model": "x", "prompt": ')
+def test_malformed_json_oversized_and_unsized_bodies_are_refused(served):
+    code, reply = call(served.url, "/v1/completions", raw=b'{"model": "x", "prompt": ')
     assert code == 422 and "error" in reply
-    code, reply = call(url, "/v1/completions", {"model": name, "prompt": "x" * (2 << 20)})
+    code, reply = call(served.url, "/v1/completions", {"model": served.name, "prompt": "x" * (2 << 20)})
     assert code == 413 and reply["error"]["code"] == "request_too_large"
-    code, reply = call(url, "/v1/chat/completions", {"model": name, "messages": []})
+    code, reply = call(served.tight, "/v1/completions", {"model": served.name, "prompt": "x" * 5000})
+    assert code == 413  # the tight application's own limit: 4 KiB
+    code, reply = call(served.url, "/v1/chat/completions", {"model": served.name, "messages": []})
     assert code == 422 and reply["error"]["param"].startswith("messages")
+    import http.client
+
+    connection = http.client.HTTPConnection(served.url.removeprefix("http://"), timeout=30)
+    connection.request("POST", "/v1/completions", body=iter([b'{"model": "tiny", "prompt": "x"}']),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 411 and json.loads(response.read())["error"]["code"] == "length_required"
 
 
-def test_the_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_run):
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_gets_answers_and_json_errors(served):
+    def curl(*args):
+        out = subprocess.run(["curl", "-s", "-m", "60", "-w", "\n%{http_code}", *args], capture_output=True,
+                             text=True, timeout=90, check=True).stdout
+        body, status = out.rsplit("\n", 1)
+        return int(status), json.loads(body)
+
+    status, body = curl("-H", "Content-Type: application/json", "-d",
+                        json.dumps({"model": served.name, "prompt": "1 + 1 =", "max_tokens": 2}),
+                        f"{served.url}/v1/completions")
+    assert status == 200 and body["object"] == "text_completion"
+    status, body = curl("-H", "Content-Type: application/json", "-d", "{not json", f"{served.url}/v1/completions")
+    assert status == 422 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_the_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_run, tmp_path):
     import os
     import signal
-    import subprocess
     import sys
     import time
     from pathlib import Path
 
     run_dir, _ = tiny_run
     port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text("# modula-ray serve RUN --config serve.yaml\napplications:\n  - name: modula-ray\n"
+                      "    import_path: modula_ray.serve.app:app_builder\n    args: {max_batch_size: 4}\n")
     cli = Path(sys.executable).with_name("modula-ray")
-    process = subprocess.Popen([str(cli), "serve", str(run_dir), "--port", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    process = subprocess.Popen([str(cli), "serve", str(run_dir), "--port", str(port), "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "RAY_ADDRESS": ""})
     try:
         status, body, deadline = None, None, time.monotonic() + 240
-        while time.monotonic() < deadline:  # bounded wait for the endpoint
+        while time.monotonic() < deadline and process.poll() is None:  # bounded wait for the endpoint
             try:
                 status, body = call(f"http://127.0.0.1:{port}", "/healthz", timeout=5)
                 if status == 200:
@@ -137,6 +173,8 @@ def test_the_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_run):
         status, reply = call(f"http://127.0.0.1:{port}", "/v1/completions",
                              {"model": run_dir.name, "prompt": "1 + 1 =", "max_tokens": 2, "temperature": 0})
         assert status == 200 and reply["usage"]["completion_tokens"] <= 2
+        status, reply = call(f"http://127.0.0.1:{port}", "/v1/admin/experts", {"run_dir": str(run_dir)})
+        assert status == 404 and "no admin token" in reply["error"]["message"]
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)

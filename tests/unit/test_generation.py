@@ -4,7 +4,7 @@ import torch
 
 from modula_ray.experts import inject, set_stage
 from modula_ray.models import tiny_model
-from modula_ray.serve.generation import GenerationRequest, generate_batch
+from modula_ray.serve.generation import BatchDecoder, GenerationRequest, _held_back, generate_batch
 from tests.helpers import randomise_experts
 
 PROMPTS = ["What is 3 + 4?", "the patient takes a dose", "def add(a, b): return", "organic apples aisle",
@@ -94,6 +94,68 @@ def test_routing_reports_the_mean_gate_over_generated_tokens(composed):
                                                                  routing=True)])[0]
     if single.finish_reason == "length":
         assert list(single.routing.values()) == pytest.approx(first.tolist(), abs=1e-5)
+
+
+def stream(model, tokenizer, requests):
+    """Every row's deltas, step by step, and its final result."""
+    decoder, deltas, results = BatchDecoder(model, tokenizer, requests), [[] for _ in requests], [None] * len(requests)
+    while not decoder.done:
+        for row, event in enumerate(decoder.step()):
+            if event is not None:
+                deltas[row].append(event.delta)
+                results[row] = event.result or results[row]
+    return deltas, results
+
+
+def test_streamed_deltas_add_up_to_the_final_text_and_never_take_back_a_stop_string(composed):
+    model, tokenizer = composed
+    full = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, p), max_tokens=12)
+                                             for p in PROMPTS[:3]])
+    stop = full[1].text[3:6]
+    requests = [GenerationRequest(encode(tokenizer, PROMPTS[0]), max_tokens=12),
+                GenerationRequest(encode(tokenizer, PROMPTS[1]), max_tokens=12, stop=[stop]),
+                GenerationRequest(encode(tokenizer, PROMPTS[2]), max_tokens=5)]
+    deltas, results = stream(model, tokenizer, requests)
+    for row, result in enumerate(results):
+        assert "".join(deltas[row]) == result.text
+    assert results[1].text == full[1].text[:full[1].text.find(stop)] and results[0].text == full[0].text
+    assert all(stop not in "".join(deltas[1][:i]) for i in range(len(deltas[1]) + 1))
+
+
+def test_held_back_tail_covers_stop_prefixes_and_unfinished_characters():
+    assert _held_back("abc\n", ["\n\n"]) == 1 and _held_back("abc", ["\n\n"]) == 0
+    assert _held_back("the end", ["endgame", "d"]) == 3 and _held_back("caf\ufffd", []) == 1
+
+
+def test_echoed_logprobs_match_a_plain_forward_and_do_not_depend_on_the_batch(composed):
+    model, tokenizer = composed
+    ids = encode(tokenizer, PROMPTS[5])
+    request = GenerationRequest(ids, max_tokens=2, logprobs=3, echo=True)
+    alone = generate_batch(model, tokenizer, [request])[0]
+    batched = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[7]), max_tokens=2),
+                                                GenerationRequest(ids, max_tokens=2, logprobs=3, echo=True)])[1]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    scores = alone.logprobs
+    assert [s.token_id for s in scores] == ids + alone.token_ids and scores[0].logprob is None
+    expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert [s.logprob for s in scores[1:len(ids)]] == pytest.approx(expected, abs=1e-4)
+    assert [s.logprob for s in batched.logprobs[1:]] == pytest.approx([s.logprob for s in scores[1:]], abs=1e-4)
+    for entry in scores[len(ids):]:  # greedy: the chosen token is the most likely one
+        assert max(entry.top, key=entry.top.get) == entry.token_id and len(entry.top) == 3
+        assert entry.top[entry.token_id] == pytest.approx(entry.logprob)
+
+
+def test_a_cancelled_row_stops_at_the_next_step_and_the_others_go_on(composed):
+    model, tokenizer = composed
+    requests = [GenerationRequest(encode(tokenizer, p), max_tokens=30) for p in PROMPTS[:2]]
+    decoder = BatchDecoder(model, tokenizer, requests)
+    decoder.step()
+    requests[0].cancel()
+    event = decoder.step()[0]
+    assert event.result.finish_reason == "cancelled" and event.result.completion_tokens == 1
+    while not decoder.done:
+        assert decoder.step()[0] is None
 
 
 @pytest.mark.parametrize("kwargs, message", [({"prompt_ids": []}, "empty prompt"),

@@ -20,12 +20,14 @@ def test_a_minimal_completion_and_chat_request_are_accepted():
     ({"prompt": "x", "max_tokens": 10 ** 6}, "max_tokens"), ({"prompt": "x", "temperature": -0.1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
-    ({"prompt": 7}, "prompt"), ({"model": "", "prompt": "x"}, "model")])
+    ({"prompt": 7}, "prompt"), ({"model": "", "prompt": "x"}, "model"), ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"), ({"prompt": "x", "stream": True, "echo": True}, "stream"),
+    ({"prompt": ["x"] * 33}, "prompt")])
 def test_bad_completion_requests_name_the_field(body, field):
     with pytest.raises(ValidationError) as info:
         CompletionRequest(**({"model": "tiny"} | body))
     error = validation_error_body(info.value.errors())["error"]
-    assert error["param"].split(".")[0] == field and error["type"] == "invalid_request_error"
+    assert (error["param"] or field).split(".")[0] == field and error["type"] == "invalid_request_error"
     assert field in error["message"]
 
 
@@ -42,3 +44,42 @@ def test_a_response_carries_usage_in_openai_shape():
                               usage=Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)).model_dump()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+
+def test_prompts_may_be_token_ids_as_in_openai():
+    assert CompletionRequest(model="t", prompt=[5, 6, 7]).prompts() == [[5, 6, 7]]
+    assert CompletionRequest(model="t", prompt=[[5], [6, 7]]).prompts() == [[5], [6, 7]]
+    assert CompletionRequest(model="t", prompt=["a", "b"]).prompts() == ["a", "b"]
+
+
+def test_serve_config_errors_name_the_field(tmp_path):
+    from modula_ray.errors import ConfigError
+    from modula_ray.serve.config import ServeArgs, deployment_options, load_serve_config, parse_args
+
+    with pytest.raises(ConfigError, match="args.max_batch_size"):
+        parse_args({"runs": ["r"], "max_batch_size": 0})
+    with pytest.raises(ConfigError, match="args.bogus"):
+        parse_args({"runs": ["r"], "bogus": 1})
+    with pytest.raises(ConfigError, match="run folder"):
+        parse_args({})
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        deployment_options(ServeArgs(runs=["r"], max_batch_size=8, max_queued_requests=8), {"max_ongoing_requests": 10})
+    assert deployment_options(ServeArgs(runs=["r"]), None)["max_ongoing_requests"] == 8 + 32 + 8
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications: []\n")
+    with pytest.raises(ConfigError, match="exactly one application"):
+        load_serve_config(bad)
+
+
+def test_the_cluster_serve_config_parses_and_starts_with_its_command():
+    from pathlib import Path
+
+    from modula_ray.serve.config import deployment_options, load_serve_config, parse_args
+
+    path = Path(__file__).resolve().parents[2] / "cluster" / "serve.yaml"
+    assert path.read_text().startswith("# serve deploy")
+    http, args, deployment = load_serve_config(path)
+    served = parse_args(args)
+    options = deployment_options(served, deployment)
+    assert http["port"] == 8000 and options["max_ongoing_requests"] > served.capacity()
+    assert options["autoscaling_config"]["max_replicas"] >= 1 and "name" not in options
