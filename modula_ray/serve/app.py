@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from ..errors import ModulaError
 from .config import ServeArgs, deployment_options, parse_args
 from .generation import BatchDecoder, GenerationRequest
-from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load
+from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
 from .responses import DONE, chat_logprobs, completion_logprobs, public_reason, sse, usage
 from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                       ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionChunk, CompletionRequest,
@@ -87,7 +87,7 @@ class CompositionServer:
         self.sources = {Path(r).name: (r, True) for r in self.args.runs} | {b: (b, False) for b in self.args.base}
         self.roots = [*self.args.runs, *self.args.admin_roots]
         self.known: weakref.WeakValueDictionary[str, Composition] = weakref.WeakValueDictionary()
-        self.in_flight, self.broken = 0, None
+        self.in_flight, self.broken, self.background = 0, None, set()
         # Serve ships this class by value, with its own copy of ``api``; the middleware runs from the
         # imported module, so set the limit on that module's app.
         from modula_ray.serve import app as imported
@@ -121,7 +121,22 @@ class CompositionServer:
         name = name or next(iter(self.sources))
         if name not in self.sources:
             raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.sources)}")
-        return (await self._compositions(name)).current
+        composition = await self._compositions(name)
+        if plugged_elsewhere(composition):  # this request runs on what is loaded; the next ones on the new
+            composition.reloading = True
+            task = asyncio.ensure_future(self._follow(composition))
+            self.background.add(task)  # asyncio keeps only a weak reference to a running task
+            task.add_done_callback(self.background.discard)
+        return composition.current
+
+    async def _follow(self, composition: Composition) -> None:
+        """Load what another replica hot-plugged, and swap it in; on failure keep serving the old."""
+        try:
+            composition.swap(await asyncio.to_thread(load, composition.current.source, is_run=True))
+        except Exception as error:  # noqa: BLE001 - a bad folder must not take the replica down
+            print(f"could not follow the hot-plug of {composition.name}: {error}", flush=True)
+        finally:
+            composition.reloading = False
 
     def _capacity_left(self, n: int) -> None:
         if self.in_flight + n > self.args.capacity():
@@ -333,6 +348,7 @@ class CompositionServer:
                 self.sources.pop(name, None)
             raise HTTPException(422, f"run_dir: {error}") from None
         self.sources[name] = (str(run_dir), True)
+        record_plug(held.current)
         return {"model": name, "run_dir": str(run_dir), "experts": held.current.experts,
                 "previous_experts": previous.experts if previous else [],
                 "replica": serve.get_replica_context().replica_id.unique_id}

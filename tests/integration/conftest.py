@@ -97,7 +97,8 @@ def served(ray_local, tiny_run, tmp_path_factory):
 
     - ``/``: the tiny run (``tiny``), a copy of it under a hot-plug root (``hot``) and the base model
       alone (``tiny-llama``), with an admin token;
-    - ``/tight``: the tiny run with an API key and small limits (batch 2, queue 2, 1.5 s, 4 KiB).
+    - ``/tight``: the tiny run with an API key and small limits (batch 2, queue 2, 1.5 s, 4 KiB);
+    - ``/pair``: ``hot`` again on two replicas, which follow a hot-plug made through ``/``.
     """
     from types import SimpleNamespace
 
@@ -110,12 +111,16 @@ def served(ray_local, tiny_run, tmp_path_factory):
     outside = copy_run(tiny_run[0], tmp_path_factory.mktemp("elsewhere") / "outside")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"ray_actor_options": {"num_cpus": 0.5}}  # room for add_domain's Train workers beside them
     serve.run(build_app([tiny_run[0], hot], base_models=["tiny-llama"], admin_token=ADMIN_TOKEN,
-                        admin_roots=[str(roots)]), name="main", route_prefix="/")
+                        admin_roots=[str(roots)], deployment=small), name="main", route_prefix="/")
     serve.run(build_app([tiny_run[0]], api_key=API_KEY, max_batch_size=2, max_queued_requests=2,
-                        request_timeout_s=1.5, max_body_bytes=4096), name="tight", route_prefix="/tight")
+                        request_timeout_s=1.5, max_body_bytes=4096, deployment=small), name="tight",
+              route_prefix="/tight")
+    serve.run(build_app([hot], deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}),
+              name="pair", route_prefix="/pair")
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", name=tiny_run[0].name, hot=hot, outside=outside,
-                              tight=f"http://127.0.0.1:{port}/tight")
+                              tight=f"http://127.0.0.1:{port}/tight", pair=f"http://127.0.0.1:{port}/pair")
     finally:
         serve.shutdown()

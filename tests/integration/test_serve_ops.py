@@ -92,9 +92,11 @@ def test_a_request_past_its_timeout_gets_408_and_frees_its_row(served):
 
 def test_a_hot_plug_under_load_drops_nothing_and_routes_over_the_new_expert(served):
     """``add_domain`` trains finance into the served folder (Train beside Serve on one Ray); the
-    old composition keeps answering; the hot-plug swaps it while 4 clients keep sending."""
+    old composition keeps answering; the hot-plug swaps it while 4 clients keep sending; the two
+    replicas of ``/pair``, serving the same folder, follow it."""
     from modula_ray.train.pipeline import add_domain
 
+    assert set(completion(served.pair, "hot", routing=True)[1]["routing"][0]) == {"math", "code"}
     add_domain("finance", served.hot)
     replies, plugged, stop = [], [], threading.Event()
 
@@ -126,6 +128,14 @@ def test_a_hot_plug_under_load_drops_nothing_and_routes_over_the_new_expert(serv
     assert all(names == {"math", "code"} for sent, names in experts if sent < started)
     after = [names for sent, names in experts if sent > plugged[0]]
     assert len(after) >= 12 and all(names == {"math", "code", "finance"} for names in after)
+    # /pair serves the same folder on two replicas that never got the call: both follow within seconds
+    follows, deadline = [], time.monotonic() + 60
+    while len(follows) < 16 and time.monotonic() < deadline:
+        status, body = completion(served.pair, "hot", routing=True)
+        assert status == 200, body
+        follows = follows + [set(body["routing"][0])] if "finance" in body["routing"][0] else []
+        time.sleep(0.1)
+    assert len(follows) == 16, "the /pair replicas did not follow the hot-plug within 60 s"
 
 
 TASKS = {
