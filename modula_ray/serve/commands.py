@@ -1,12 +1,17 @@
 """``modula-ray serve RUN_DIR [RUN_DIR ...] [--base M] [--host H] [--port P] [--config serve.yaml]``.
 
-Runs in the foreground on an in-process Ray (or the cluster ``RAY_ADDRESS`` names); Ctrl-C
-shuts Serve and Ray down cleanly. ``--config`` reads a Serve config file (``cluster/serve.yaml``);
+Runs in the foreground on an in-process Ray (or the cluster ``RAY_ADDRESS`` names); Ctrl-C, or
+the SIGTERM a process manager sends, shuts Serve and Ray down cleanly. ``--config`` reads a Serve config file (``cluster/serve.yaml``);
 run folders, ``--base``, ``--host`` and ``--port`` given on the command line win over it.
 """
 from __future__ import annotations
 
+import signal
 import time
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_serve(args) -> int:
@@ -25,6 +30,8 @@ def cmd_serve(args) -> int:
     for run_dir in app_args.get("runs", []):
         read_manifest(run_dir)  # and a clear ArtifactError
     ray.init(log_to_driver=False, ignore_reinit_error=True)
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own SIGTERM handler
+    signal.signal(signal.SIGINT, _stop)   # also when started in the background, where SIGINT is ignored
     try:  # Ctrl-C at any point, even while the replicas start, shuts Serve and Ray down cleanly
         serve.start(http_options=http)
         serve.run(app, name="modula-ray", route_prefix="/")
