@@ -1,37 +1,102 @@
-"""``modula-ray eval RUN_DIR --suite routing`` (the evaluation issue adds more suites here)."""
+"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite routing|domain|general|judge|all[,...] [--limit N]``.
+
+``routing``: the mean gate per routed expert on each domain's prompts (``RUN/eval/routing.json``).
+``domain`` / ``general``: the lm-eval suites (``run.SUITE_TASKS``) over each composition and its
+base model, merged into ``RUN/eval/results.json``; then ``RUN/eval/report.md`` (and, for several
+runs, a side-by-side report at ``--report``). ``judge``: the composition's and the base model's
+answers to the held-out e-commerce generation items, scored by a judge endpoint
+(``MODULA_RAY_JUDGE_URL``/``_MODEL``/``_KEY``; default ``modula-ray serve --base smollm2-135m``
+on 127.0.0.1:8000). ``all``: every suite.
+"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-SUITES = ("routing",)
+SUITES = ("routing", "domain", "general", "judge", "all")
+
+
+def _routing(run_dir, args) -> None:
+    from .routing import format_routing, routing_by_domain, routing_by_layer, save_routing
+
+    table = routing_by_domain(run_dir, split=args.split, rows=args.rows, progress=not args.json)
+    if not table:
+        print(f"{run_dir}: this composition has no router, so there is no routing table")
+        return
+    layers = routing_by_layer(run_dir, split=args.split, rows=args.rows)
+    path = save_routing(run_dir, table, split=args.split, rows=args.rows, layers=layers)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f"mean routing weight per expert, {args.rows} {args.split} prompts per domain (* = largest):")
+    print(format_routing(table))
+    print("routing accuracy (share of tokens whose largest gate is the domain's own expert): "
+          + ", ".join(f"{d} {v['accuracy']:.2f}" for d, v in layers["domains"].items()))
+    print(f"saved {path}")
+
+
+def _suites(text: str) -> list[str]:
+    import argparse
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite {unknown or text!r}; choose from {', '.join(SUITES)}")
+    return list(dict.fromkeys(names))
 
 
 def cmd_eval(args) -> int:
-    from .routing import format_routing, routing_by_domain, save_routing
+    import logging
 
-    table = routing_by_domain(args.run, split=args.split, rows=args.rows, progress=not args.json)
-    if not table:
-        print(f"{args.run}: this composition has no router, so there is no routing table")
-        return 0
-    path = save_routing(args.run, table, split=args.split, rows=args.rows)
-    if args.json:
-        print(json.dumps(table, indent=2))
-        return 0
-    print(f"mean routing weight per expert, {args.rows} {args.split} prompts per domain (* = largest):")
-    print(format_routing(table))
-    print(f"saved {path}")
+    from .report import save_results, write_report
+    from .run import SUITE_TASKS, run_suite
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # progress bars stay; per-task chatter goes
+
+    suites = ["routing", *SUITE_TASKS, "judge"] if "all" in args.suite else args.suite
+    for run_dir in args.runs:
+        for suite in suites:
+            if suite == "routing":
+                _routing(run_dir, args)
+                continue
+            if suite == "judge":
+                from .judges.suite import run_judge_suite
+
+                print(f"{run_dir}: suite judge" + (f", --limit {args.limit}" if args.limit else ""), flush=True)
+                print(f"saved {save_results(run_dir, 'judge', run_judge_suite(run_dir, limit=args.limit))}")
+                continue
+            print(f"{run_dir}: suite {suite} ({', '.join(SUITE_TASKS[suite])})"
+                  + (f", --limit {args.limit}" if args.limit else ""), flush=True)
+            entry = run_suite(run_dir, suite, limit=args.limit, seed=args.seed)
+            print(f"saved {save_results(run_dir, suite, entry)}")
+        if suites != ["routing"]:
+            report = write_report([run_dir])
+            print(report.read_text() if not args.json else "", end="")
+            print(f"saved {report}")
+    if len(args.runs) > 1 and suites != ["routing"]:
+        out = Path(args.report or Path(args.runs[0]) / "eval" / "side-by-side.md")
+        print(f"saved {write_report(args.runs, out)}")
     return 0
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="evaluate a finished run folder",
-                                 description="Evaluate a finished composition. Suite 'routing': the mean gate "
-                                             "per routed expert on each domain's prompts, saved to "
-                                             "RUN_DIR/eval/routing.json.")
-    parser.add_argument("run", help="a finished run folder (holds manifest.json)")
-    parser.add_argument("--suite", choices=SUITES, default="routing", help="what to evaluate (default: routing)")
+    parser = commands.add_parser(
+        "eval", help="evaluate finished run folders",
+        description="Evaluate finished compositions. 'routing': the mean gate per routed expert on each "
+                    "domain's prompts (RUN/eval/routing.json). 'domain' and 'general': the lm-eval suites of "
+                    "eval/tasks over each composition and its base model (RUN/eval/results.json, "
+                    "RUN/eval/report.md with the paper-style table). 'judge': rubric scores of the held-out "
+                    "e-commerce generation items by a judge endpoint (MODULA_RAY_JUDGE_URL, _MODEL, _KEY; default: "
+                    "modula-ray serve --base smollm2-135m on 127.0.0.1:8000). 'all': every suite.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders (hold manifest.json)")
+    parser.add_argument("--suite", type=_suites, default=["routing"], metavar="|".join(SUITES),
+                        help="what to evaluate, one or a comma-separated list (default: routing)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval suites: the first N items of each task")
+    parser.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (default: 0)")
+    parser.add_argument("--report", default=None, help="several runs: the side-by-side report's path "
+                                                       "(default: FIRST_RUN/eval/side-by-side.md)")
     parser.add_argument("--split", choices=("train", "val", "test"), default="val",
-                        help="which split's prompts (default: val)")
-    parser.add_argument("--rows", type=int, default=8, help="prompts per domain (default: 8)")
-    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+                        help="routing: which split's prompts (default: val)")
+    parser.add_argument("--rows", type=int, default=8, help="routing: prompts per domain (default: 8)")
+    parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
     parser.set_defaults(func=cmd_eval)

@@ -2,7 +2,8 @@
 
 For each domain of the composition (and the general domain), the mean gate per routed expert
 over ``rows`` prompts of a split, averaged over every router and token of each prompt's
-forward. A uniform router gives ``1 / n_routed`` everywhere.
+forward. A uniform router gives ``1 / n_routed`` everywhere. ``routing_by_layer`` adds the
+paper's Figure 3 (first, middle and last layer) and the routing accuracy per domain.
 """
 from __future__ import annotations
 
@@ -58,8 +59,57 @@ def format_routing(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def save_routing(run_dir, table: dict, *, split: str, rows: int) -> Path:
-    """``RUN_DIR/eval/routing.json`` (atomic)."""
+def save_routing(run_dir, table: dict, *, split: str, rows: int, layers: dict | None = None) -> Path:
+    """``RUN_DIR/eval/routing.json`` (atomic): the table, and ``routing_by_layer``'s result."""
     path = Path(run_dir) / "eval" / RESULT_FILE
-    atomic_write_json(path, {"suite": "routing", "split": split, "rows": rows, "table": table})
+    atomic_write_json(path, {"suite": "routing", "split": split, "rows": rows, "table": table, "layers": layers or {}})
     return path
+
+
+def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8) -> dict:
+    """Per domain of the composition: the mean gate per expert at the first, middle and last
+    layer (the paper's Figure 3), and the routing accuracy: the share of (router, token) pairs
+    whose largest gate is the domain's own expert. ``{}`` for a method with no router."""
+    import re
+
+    import torch
+
+    from ..data.build import split_file
+    from ..data.formatting import prompt_ids
+    from ..data.schema import read_split
+    from ..experts import spec_of
+    from ..experts.inject import routers
+
+    manifest = read_manifest(run_dir)
+    if not manifest["router"]:
+        return {}
+    model, tokenizer = load_composition(run_dir)
+    names = spec_of(model).routed_names()
+    captured: dict[int, list[torch.Tensor]] = {}
+    hooks = []
+    for path, router in routers(model).items():
+        layer = int(re.search(r"layers\.(\d+)\.", path).group(1))
+        hooks.append(router.register_forward_hook(
+            lambda module, args, gates, layer=layer: captured.setdefault(layer, []).append(gates.detach()[0])))
+    layers = sorted({int(re.search(r"layers\.(\d+)\.", p).group(1)) for p in routers(model)})
+    picked = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
+    result = {"experts": names, "layers": picked, "domains": {}}
+    try:
+        with torch.no_grad():
+            for domain in [d for d in manifest["domains"] if d in names]:
+                per_layer = {key: torch.zeros(len(names)) for key in picked}
+                hits = total = 0
+                prompts = read_split(split_file(manifest["data"]["dir"], domain, split)).column("prompt").to_pylist()[:rows]
+                for prompt in prompts:
+                    captured.clear()
+                    model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                    for key, layer in picked.items():
+                        per_layer[key] += torch.cat(captured[layer]).float().mean(dim=0) / len(prompts)
+                    winners = torch.cat([torch.cat(g) for g in captured.values()]).argmax(dim=-1)
+                    hits, total = hits + int((winners == names.index(domain)).sum()), total + winners.numel()
+                result["domains"][domain] = {"accuracy": hits / total,
+                                             **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result

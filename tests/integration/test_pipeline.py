@@ -18,6 +18,7 @@ from modula_ray.train.ledger import overlaps
 from modula_ray.train.pipeline import add_domain, run_pipeline, run_stage
 from tests.helpers import randomise_experts
 from tests.integration.conftest import CONCURRENT, TINY, copy_run, digests
+from tests.integration.test_eval import loss_of
 
 pytestmark = pytest.mark.slow
 LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens", "flops", "fit_started_at",
@@ -108,6 +109,12 @@ def test_eval_routing_prints_and_saves_the_table(tiny_run):
     saved = json.loads((run_dir / "eval" / "routing.json").read_text())
     assert saved["suite"] == "routing" and saved["rows"] == 4
     assert saved["table"]["math"]["math"] == pytest.approx(rows["math"][0], abs=1e-3)
+    layers = saved["layers"]
+    assert layers["experts"] == ["math", "code"] and set(layers["domains"]) == {"math", "code"}
+    for domain in layers["domains"].values():
+        assert 0 <= domain["accuracy"] <= 1
+        assert all(sum(domain[key]) == pytest.approx(1.0, abs=2e-3) for key in ("first", "middle", "last"))
+    assert "routing accuracy" in out.stdout
 
 
 def test_rerun_does_nothing_unless_forced(tiny_run):
@@ -176,6 +183,7 @@ def test_molora_add_domain_retrains_all_and_cost_compares(added, ray_local, tmp_
     config = load_config(PipelineConfig, TINY, ["method=molora", "stages.joint.steps=68"])
     molora_dir = tmp_path / "molora"
     run_pipeline(config, molora_dir, command="pytest molora")
+    assert 0 < loss_of(molora_dir) < 20  # lm-eval's --model modula evaluates a molora run
     before = digests(molora_dir / "experts")
     manifest = add_domain("finance", molora_dir)
     after = digests(molora_dir / "experts")
@@ -210,3 +218,4 @@ def test_lora_baseline_is_one_joint_stage(ray_local, tmp_path):
     assert manifest["ledger"][0]["trainable_params"] == 16384  # rank 8 on all 7 projections of 2 blocks
     model, tokenizer = load_composition(tmp_path / "lora")
     assert routing_weights(model(tokenizer("12 + 3", return_tensors="pt").input_ids) and model) == {}
+    assert 0 < loss_of(tmp_path / "lora") < 20  # lm-eval's --model modula evaluates a lora run

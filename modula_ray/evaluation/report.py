@@ -1,0 +1,175 @@
+"""``RUN/eval/results.json`` and the paper-style ``report.md`` (one run, or several side by side).
+
+- **Domain table** (the paper's): one row per composition (named ``method (run)``) and one for the
+  base model alone, one column per domain task's headline metric (``run.HEADLINE``), and Avg.;
+- **general table**: MMLU subjects no domain trains on (acc, acc_norm), and the mean held-out
+  loss per byte over the domains (lower is better);
+- **judged generation**: the rubric's mean per criterion and total, invalid verdicts, the
+  pairwise result against the base model, and which judge scored;
+- **cost against quality** (``cost_quality.png``): each composition's training cost from its
+  ledger (resource-seconds) against its domain Avg., the base model at zero.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..fileio import atomic_write_json, atomic_write_text, read_json
+from .run import HEADLINE
+
+RESULTS, REPORT, COST_PLOT, ROUTING_PLOT = "results.json", "report.md", "cost_quality.png", "routing_layers.png"
+
+
+def save_results(run_dir, suite: str, entry: dict) -> Path:
+    """Merge one suite's results into ``RUN/eval/results.json`` (other suites are kept)."""
+    path = Path(run_dir) / "eval" / RESULTS
+    results = read_json(path) if path.is_file() else {"suites": {}}
+    results["suites"][suite] = entry | {"evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, results)
+    return path
+
+
+def _row(label: str, metrics: dict) -> tuple[str, list[float | None]]:
+    values = [metrics.get(task, {}).get(metric) for task, metric in HEADLINE.items()]
+    return label, values
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def domain_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown: rows × domain tasks (percent), with Avg. over the tasks each row has."""
+    head = "| model | " + " | ".join(t.removeprefix("modula_") for t in HEADLINE) + " | Avg. |"
+    lines = [head, "|---" * (len(HEADLINE) + 2) + "|"]
+    for label, metrics in rows:
+        _, values = _row(label, metrics)
+        present = [v for v in values if v is not None]
+        average = sum(present) / len(present) if present else None
+        lines.append(f"| {label} | " + " | ".join(map(_fmt, values)) + f" | {_fmt(average)} |")
+    return "\n".join(lines)
+
+
+def general_table(rows: list[tuple[str, dict, dict]]) -> str:
+    lines = ["| model | general acc | general acc_norm | domain loss (nll/byte, lower is better) |", "|---|---|---|---|"]
+    for label, general, domain in rows:
+        scores, loss = general.get("modula_general", {}), domain.get("modula_domain_loss", {}).get("nll_per_byte")
+        lines.append(f"| {label} | {_fmt(scores.get('acc'))} | {_fmt(scores.get('acc_norm'))} | "
+                     f"{'—' if loss is None else f'{loss:.3f}'} |")
+    return "\n".join(lines)
+
+
+def judge_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown: per model, the judge's mean per criterion, total and valid verdicts; then each
+    composition against its base model, pairwise in both orders."""
+    criteria = ["helpfulness", "relevance", "accuracy", "readability", "fluency"]
+    lines = ["| model | " + " | ".join(criteria) + " | total | valid / judged |", "|---" * (len(criteria) + 3) + "|"]
+    for label, entry in rows:
+        for name, scores in ((label, entry["composition"]), ("base model alone", entry["base"])):
+            values = [f"{scores['criteria'][c]:.2f}" if c in scores["criteria"] else "—" for c in criteria]
+            total = "—" if scores["total"] is None else f"{scores['total']:.2f} / {scores['out_of']}"
+            lines.append(f"| {name} | " + " | ".join(values) + f" | {total} | {scores['valid']} / {scores['judged']} |")
+    lines.append("")
+    for label, entry in rows:
+        pair = entry["pairwise"]
+        lines.append(f"- {label} against the base model (both orders): wins {pair['a']}, losses {pair['b']}, "
+                     f"ties {pair['tie']}, invalid {pair['invalid']} of {pair['judged']}")
+    return "\n".join(lines)
+
+
+def routing_plot(layers: dict, path: Path) -> Path:
+    """The paper's Figure 3: for each domain's items, the mean gate per expert at the first,
+    middle and last layer (one row of bar charts per domain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains, experts = list(layers["domains"]), layers["experts"]
+    figure, axes = plt.subplots(len(domains), 3, figsize=(9, 2.2 * len(domains)), squeeze=False, sharey=True)
+    for row, domain in enumerate(domains):
+        for col, key in enumerate(("first", "middle", "last")):
+            axis = axes[row][col]
+            axis.bar(range(len(experts)), layers["domains"][domain][key],
+                     color=["tab:red" if e == domain else "tab:gray" for e in experts])
+            axis.set_xticks(range(len(experts)), experts, rotation=30, fontsize=7)
+            axis.set_title(f"{domain} items, {key} layer ({layers['layers'][key]})", fontsize=8)
+    figure.supylabel("mean gate")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def average(metrics: dict) -> float | None:
+    values = [v for v in _row("", metrics)[1] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def cost_quality_plot(points: list[tuple[str, float, float]], path: Path) -> Path:
+    """Resource-seconds of training against the domain Avg., one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for label, cost, quality in points:
+        axes.scatter([cost], [100 * quality])
+        axes.annotate(label, (cost, 100 * quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.margins(0.25)  # room for the labels
+    axes.set_xlabel("training cost (resource-seconds, from the ledger)")
+    axes.set_ylabel("domain Avg. (%)")
+    axes.set_title("cost against quality")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_report(run_dirs: list, out: Path | None = None) -> Path:
+    """The report of one run (``RUN/eval/report.md``) or of several side by side (``out``)."""
+    from ..compose import read_manifest
+
+    runs = [(Path(r), read_manifest(r), read_json(Path(r) / "eval" / RESULTS)) for r in run_dirs]
+    out = Path(out) if out else runs[0][0] / "eval" / REPORT
+    domain_rows, general_rows, points = [], [], []
+    for run_dir, manifest, results in runs:
+        label = f"{manifest['method']} ({run_dir.name})"
+        domain = results["suites"].get("domain", {}).get("composition", {})
+        general = results["suites"].get("general", {}).get("composition", {})
+        domain_rows.append((label, domain))
+        general_rows.append((label, general, domain))
+        if average(domain) is not None:
+            points.append((label, sum(r.get("resource_s", 0) for r in manifest["ledger"]), average(domain)))
+    first_manifest, first = runs[0][1], runs[0][2]["suites"]
+    base = f"{first_manifest['base_model']['name']} (base alone)"
+    domain_rows.append((base, first.get("domain", {}).get("base", {})))
+    general_rows.append((base, first.get("general", {}).get("base", {}), first.get("domain", {}).get("base", {})))
+    if average(domain_rows[-1][1]) is not None:
+        points.append((base, 0.0, average(domain_rows[-1][1])))
+    limit = first.get("domain", {}).get("limit")
+    parts = [f"# Evaluation: {', '.join(r[0].name for r in runs)}", "",
+             f"lm-eval over `eval/tasks`, chat template, greedy, seed {first.get('domain', {}).get('seed', 0)}"
+             + (f", first {limit} items per task (`--limit`)" if limit else ", every test item") + ".", "",
+             "## Domain tasks (%)", "", domain_table(domain_rows), "",
+             "## General capability", "", general_table(general_rows), ""]
+    judged = [(f"{m['method']} ({d.name})", r["suites"]["judge"]) for d, m, r in runs if "judge" in r["suites"]]
+    if judged:
+        parts += ["## Judged generation (e-commerce titles and keywords)", "",
+                  f"Judge: {judged[0][1]['judge']}; rubric {judged[0][1]['rubric']}. An unparseable verdict is "
+                  "counted invalid, never scored.", "", judge_table(judged), ""]
+    routing_file = runs[0][0] / "eval" / "routing.json"
+    layers = read_json(routing_file).get("layers") if routing_file.is_file() else None
+    if layers and layers.get("domains"):
+        plot = routing_plot(layers, out.parent / ROUTING_PLOT)
+        parts += ["## Routing", "", "Routing accuracy: the share of tokens whose largest gate is the item's own "
+                  "domain expert (all routers).", "", "| domain | routing accuracy |", "|---|---|",
+                  *[f"| {d} | {v['accuracy']:.2f} |" for d, v in layers["domains"].items()], "",
+                  f"![mean gate per expert at the first, middle and last layer]({plot.name})", ""]
+    if points:
+        plot = cost_quality_plot(points, out.parent / COST_PLOT)
+        parts += ["## Cost against quality", "", f"![cost against quality]({plot.name})", ""]
+    atomic_write_text(out, "\n".join(parts))
+    return out
