@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Each module adds its subcommands with ``add_parser(commands)`` and imports heavy things lazily.
@@ -16,6 +17,40 @@ def _cmd_base_model(args) -> int:
     folder = base_model(args.name)
     print(folder)
     print(f"sha256 {base_fingerprint(folder)}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_in_task(run_dir: str, args) -> dict:
+    """One run folder's evaluation inside a Ray task: what it printed, and where it ran."""
+    import contextlib
+    import io
+
+    import ray
+
+    from .evaluation.commands import evaluate_run
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate_run(run_dir, args)
+    return {"run": run_dir, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "printed": printed.getvalue()}
+
+
+def _eval_on_cluster(args) -> int:
+    """``modula-ray eval RUN RUN ...`` with ``RAY_ADDRESS`` set: each run folder is evaluated by its
+    own Ray task (``--cpus-per-run`` each), spread over the cluster's nodes."""
+    import ray
+
+    from .evaluation.commands import side_by_side
+    from .train.session import connect_ray
+
+    connect_ray()
+    task = ray.remote(_evaluate_in_task).options(num_cpus=args.cpus_per_run, scheduling_strategy="SPREAD")
+    options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    for done in ray.get([task.remote(str(run_dir), options) for run_dir in args.runs]):
+        print(done["printed"], end="")
+        print(f"{done['run']}: evaluated by a Ray task on node {done['node']} (pid {done['pid']})")
+    side_by_side(args)
     return 0
 
 
@@ -37,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "eval" and len(args.runs) > 1 and os.environ.get("RAY_ADDRESS"):
+            return _eval_on_cluster(args)
         return args.func(args)
     except ModulaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """``modula-ray eval RUN_DIR [RUN_DIR ...] --suite routing|domain|general|judge|all[,...] [--limit N]``.
 
+With ``RAY_ADDRESS`` naming a cluster and several runs, each run is evaluated by its own Ray task
+(``modula_ray.cli``: this package stays Ray-free).
+
 ``routing``: the mean gate per routed expert on each domain's prompts (``RUN/eval/routing.json``).
 ``domain`` / ``general``: the lm-eval suites (``run.SUITE_TASKS``) over each composition and its
 base model, merged into ``RUN/eval/results.json``; then ``RUN/eval/report.md`` (and, for several
@@ -45,37 +48,49 @@ def _suites(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def cmd_eval(args) -> int:
+def evaluate_run(run_dir, args) -> None:
+    """Every suite of ``args.suite`` on one run folder, then its ``report.md`` (printed)."""
     import logging
 
     from .report import save_results, write_report
     from .run import SUITE_TASKS, run_suite
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # progress bars stay; per-task chatter goes
-
     suites = ["routing", *SUITE_TASKS, "judge"] if "all" in args.suite else args.suite
-    for run_dir in args.runs:
-        for suite in suites:
-            if suite == "routing":
-                _routing(run_dir, args)
-                continue
-            if suite == "judge":
-                from .judges.suite import run_judge_suite
+    for suite in suites:
+        if suite == "routing":
+            _routing(run_dir, args)
+            continue
+        if suite == "judge":
+            from .judges.suite import run_judge_suite
 
-                print(f"{run_dir}: suite judge" + (f", --limit {args.limit}" if args.limit else ""), flush=True)
-                print(f"saved {save_results(run_dir, 'judge', run_judge_suite(run_dir, limit=args.limit))}")
-                continue
-            print(f"{run_dir}: suite {suite} ({', '.join(SUITE_TASKS[suite])})"
-                  + (f", --limit {args.limit}" if args.limit else ""), flush=True)
-            entry = run_suite(run_dir, suite, limit=args.limit, seed=args.seed)
-            print(f"saved {save_results(run_dir, suite, entry)}")
-        if suites != ["routing"]:
-            report = write_report([run_dir])
-            print(report.read_text() if not args.json else "", end="")
-            print(f"saved {report}")
-    if len(args.runs) > 1 and suites != ["routing"]:
+            print(f"{run_dir}: suite judge" + (f", --limit {args.limit}" if args.limit else ""), flush=True)
+            print(f"saved {save_results(run_dir, 'judge', run_judge_suite(run_dir, limit=args.limit))}")
+            continue
+        print(f"{run_dir}: suite {suite} ({', '.join(SUITE_TASKS[suite])})"
+              + (f", --limit {args.limit}" if args.limit else ""), flush=True)
+        print(f"saved {save_results(run_dir, suite, run_suite(run_dir, suite, limit=args.limit, seed=args.seed))}")
+    if suites != ["routing"]:
+        report = write_report([run_dir])
+        print(report.read_text() if not args.json else "", end="")
+        print(f"saved {report}")
+
+
+def side_by_side(args) -> None:
+    """Several runs, suites beyond routing: the side-by-side report."""
+    from .report import write_report
+
+    if len(args.runs) > 1 and args.suite != ["routing"]:
         out = Path(args.report or Path(args.runs[0]) / "eval" / "side-by-side.md")
         print(f"saved {write_report(args.runs, out)}")
+
+
+def cmd_eval(args) -> int:
+    """In the calling process, one run after another (``modula_ray.cli`` spreads several runs over
+    a cluster's nodes as Ray tasks when ``RAY_ADDRESS`` names one)."""
+    for run_dir in args.runs:
+        evaluate_run(run_dir, args)
+    side_by_side(args)
     return 0
 
 
@@ -99,4 +114,6 @@ def add_parser(commands) -> None:
                         help="routing: which split's prompts (default: val)")
     parser.add_argument("--rows", type=int, default=8, help="routing: prompts per domain (default: 8)")
     parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0,
+                        help="on a cluster (RAY_ADDRESS set, several runs): the CPUs of each run's Ray task")
     parser.set_defaults(func=cmd_eval)

@@ -1,7 +1,10 @@
 """`ray job submit` of the tiny pipeline to a real 2-node cluster started by cluster/local.sh, then
-a local `modula-ray add-domain` beside that cluster, as the README shows it."""
+a local `modula-ray add-domain` beside that cluster, as the README shows it, and `modula-ray eval`
+of two runs as one Ray task each, one per node."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +67,18 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tmp_pat
     added = [r for r in manifest["ledger"] if r["event"] == "add-domain:finance"]
     assert [(r["stage"], r["domain"]) for r in added] == [("experts", "finance"), ("router", None)]
     assert all(set(r["nodes"]) <= set(nodes.values()) for r in added)
+
+    # Evaluating several runs on the cluster: one Ray task per run folder, spread over the nodes.
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("ray"))
+    evaluate = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "eval", str(run_dir), str(twin), "--suite",
+                               "domain", "--limit", "1", "--report", str(tmp_path / "side.md")],
+                              cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    ran_on = re.findall(r"evaluated by a Ray task on node (\w+) \(pid (\d+)\)", evaluate.stdout)
+    assert len(ran_on) == 2 and {node for node, _ in ran_on} == set(nodes.values()), evaluate.stdout[-2000:]
+    assert all((folder / "eval" / "results.json").is_file() for folder in (run_dir, twin))
+    assert "| modula_res (twin) |" in (tmp_path / "side.md").read_text()
 
 
 def node_ids_by_pool(env: dict) -> dict[str, str]:
