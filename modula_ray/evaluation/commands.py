@@ -62,10 +62,15 @@ def evaluate_run(run_dir, args) -> None:
             _routing(run_dir, args)
             continue
         if suite == "judge":
+            from .judges.client import JudgeConfig
             from .judges.suite import run_judge_suite
 
-            print(f"{run_dir}: suite judge" + (f", --limit {args.limit}" if args.limit else ""), flush=True)
-            print(f"saved {save_results(run_dir, 'judge', run_judge_suite(run_dir, limit=args.limit))}")
+            flags = {"base_url": args.judge_url, "model": args.judge_model, "concurrency": args.judge_concurrency}
+            config = JudgeConfig.from_env(**{k: v for k, v in flags.items() if v is not None})
+            print(f"{run_dir}: suite judge, judge {config.describe()}"
+                  + (f", --limit {args.limit}" if args.limit else ""), flush=True)
+            entry = run_judge_suite(run_dir, limit=args.limit, config=config, rubric_name=args.rubric)
+            print(f"saved {save_results(run_dir, 'judge', entry)}")
             continue
         print(f"{run_dir}: suite {suite} ({', '.join(SUITE_TASKS[suite])})"
               + (f", --limit {args.limit}" if args.limit else ""), flush=True)
@@ -114,6 +119,13 @@ def add_parser(commands) -> None:
                         help="routing: which split's prompts (default: val)")
     parser.add_argument("--rows", type=int, default=8, help="routing: prompts per domain (default: 8)")
     parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
+    parser.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible base URL (else "
+                                                          "MODULA_RAY_JUDGE_URL, else http://127.0.0.1:8000/v1); "
+                                                          "its key only from MODULA_RAY_JUDGE_KEY")
+    parser.add_argument("--judge-model", default=None, help="judge: the model to ask (else MODULA_RAY_JUDGE_MODEL, "
+                                                            "else smollm2-135m)")
+    parser.add_argument("--judge-concurrency", type=int, default=None, help="judge: requests at once (default 4)")
+    parser.add_argument("--rubric", default="ecommerce_generation", help="judge: a rubric in eval/judges/")
     parser.add_argument("--cpus-per-run", type=float, default=1.0,
                         help="on a cluster (RAY_ADDRESS set, several runs): the CPUs of each run's Ray task")
     parser.set_defaults(func=cmd_eval)

@@ -90,9 +90,9 @@ def test_the_judge_suite_answers_judges_and_reports_which_judge_scored(served, t
     from tests.integration.conftest import copy_run
 
     run_dir = copy_run(tiny_run[0], tmp_path / "judged")
-    monkeypatch.setenv("MODULA_RAY_JUDGE_URL", f"{served.url}/v1")
-    monkeypatch.setenv("MODULA_RAY_JUDGE_MODEL", "tiny-llama")
-    assert main(["eval", str(run_dir), "--suite", "judge", "--limit", "2"]) == 0
+    monkeypatch.setenv("MODULA_RAY_JUDGE_URL", f"{served.url}/v1")  # the environment; the flag wins over it
+    monkeypatch.setenv("MODULA_RAY_JUDGE_MODEL", "nonexistent")
+    assert main(["eval", str(run_dir), "--suite", "judge", "--limit", "2", "--judge-model", "tiny-llama"]) == 0
     entry = json.loads((run_dir / "eval" / "results.json").read_text())["suites"]["judge"]
     assert entry["judge"] == f"tiny-llama at {served.url}/v1" and entry["rubric"] == "ecommerce_generation v1.0"
     assert entry["composition"]["judged"] == 2 and entry["composition"]["invalid"] == 2  # random judge: no JSON
