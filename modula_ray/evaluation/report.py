@@ -29,9 +29,9 @@ def save_results(run_dir, suite: str, entry: dict) -> Path:
     return path
 
 
-def _row(label: str, metrics: dict) -> tuple[str, list[float | None]]:
-    values = [metrics.get(task, {}).get(metric) for task, metric in HEADLINE.items()]
-    return label, values
+def _headline(metrics: dict) -> list[float | None]:
+    """The headline metric of each domain task (``None`` where the run has no such result)."""
+    return [metrics.get(task, {}).get(metric) for task, metric in HEADLINE.items()]
 
 
 def _fmt(value) -> str:
@@ -43,7 +43,7 @@ def domain_table(rows: list[tuple[str, dict]]) -> str:
     head = "| model | " + " | ".join(t.removeprefix("modula_") for t in HEADLINE) + " | Avg. |"
     lines = [head, "|---" * (len(HEADLINE) + 2) + "|"]
     for label, metrics in rows:
-        _, values = _row(label, metrics)
+        values = _headline(metrics)
         present = [v for v in values if v is not None]
         average = sum(present) / len(present) if present else None
         lines.append(f"| {label} | " + " | ".join(map(_fmt, values)) + f" | {_fmt(average)} |")
@@ -102,7 +102,7 @@ def routing_plot(layers: dict, path: Path) -> Path:
 
 
 def average(metrics: dict) -> float | None:
-    values = [v for v in _row("", metrics)[1] if v is not None]
+    values = [v for v in _headline(metrics) if v is not None]
     return sum(values) / len(values) if values else None
 
 

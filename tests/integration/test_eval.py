@@ -27,20 +27,18 @@ def test_a_plain_lm_eval_command_line_runs_modula(tiny_run, tmp_path):
     assert 0 <= scores["modula_math"]["score,none"] <= 1 and 0 <= scores["modula_medicine"]["acc,none"] <= 1
 
 
-def evaluate(model, tasks, limit=2):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+def evaluate(model, tasks, limit=2) -> dict:
+    """``{task: {metric: value}}`` through what ``modula-ray eval`` itself calls."""
+    from modula_ray.evaluation.run import evaluate_model
 
-    out = simple_evaluate(model=model, tasks=tasks, limit=limit, apply_chat_template=True,
-                          task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
-    return out["results"]
+    return evaluate_model(model, tasks, limit=limit)[0]
 
 
 def loss_of(run_dir) -> float:
     """``--model modula`` on ``run_dir``: the held-out math loss per byte (any method)."""
     from modula_ray.evaluation.lm import ModulaLM
 
-    return evaluate(ModulaLM(run=str(run_dir)), ["modula_loss_math"], limit=2)["modula_loss_math"]["nll_per_byte,none"]
+    return evaluate(ModulaLM(run=str(run_dir)), ["modula_loss_math"], limit=2)["modula_loss_math"]["nll_per_byte"]
 
 
 def test_modula_evaluates_a_flan_composition(ray_local, tmp_path):
@@ -58,10 +56,10 @@ def test_every_task_scores_on_the_tiny_data_the_same_twice(tiny_run):
 
     model = ModulaLM(run=str(tiny_run[0]), batch_size=4)
     first, second = evaluate(model, ["modula_all"]), evaluate(model, ["modula_all"])
-    expected = {"modula_math": "score,none", "modula_code": "score,none", "modula_medicine": "acc_norm,none",
-                "modula_finance": "acc,none", "modula_ecommerce": "exact_match,none", "modula_general": "acc,none",
-                "modula_humaneval": "pass_at_1,none", "modula_domain_loss": "nll_per_byte,none",
-                **{f"modula_loss_{d}": "nll_per_byte,none" for d in ("math", "code", "medicine", "finance", "ecommerce")}}
+    expected = {"modula_math": "score", "modula_code": "score", "modula_medicine": "acc_norm",
+                "modula_finance": "acc", "modula_ecommerce": "exact_match", "modula_general": "acc",
+                "modula_humaneval": "pass_at_1", "modula_domain_loss": "nll_per_byte",
+                **{f"modula_loss_{d}": "nll_per_byte" for d in ("math", "code", "medicine", "finance", "ecommerce")}}
     for task, metric in expected.items():
         assert isinstance(first[task][metric], float), (task, first[task])
     assert first == second
@@ -72,7 +70,7 @@ def test_a_composition_is_not_its_base_model(tiny_run):
 
     composed = evaluate(ModulaLM(run=str(tiny_run[0])), ["modula_loss_math"], limit=4)
     base = evaluate(ModulaLM(base="tiny-llama"), ["modula_loss_math"], limit=4)
-    assert composed["modula_loss_math"]["nll_per_byte,none"] != pytest.approx(base["modula_loss_math"]["nll_per_byte,none"])
+    assert composed["modula_loss_math"]["nll_per_byte"] != pytest.approx(base["modula_loss_math"]["nll_per_byte"])
     with pytest.raises(ValueError, match="exactly one of run=RUN_DIR"):
         ModulaLM(run=str(tiny_run[0]), base="tiny-llama")
 
