@@ -136,9 +136,14 @@ class ExpertsConfig:
     top_k: int | None = None                 # None = dense softmax, as in the paper
     temperature: float = 1.0                 # tau in softmax(W_R x / tau)
     router_bias: bool = False
+    router_placement: str = "layer"          # layer: a router per adapted linear | block: one per transformer block
 
     def __post_init__(self):
+        from .experts.placement import PLACEMENTS
+
         require(bool(self.target_modules), "target_modules", "must name at least one module")
+        require(self.router_placement in PLACEMENTS, "router_placement",
+                f"must be one of {list(PLACEMENTS)}, got {self.router_placement!r}")
         for name in ("universal_rank", "domain_rank"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("universal_alpha", "domain_alpha", "temperature"):
@@ -148,7 +153,8 @@ class ExpertsConfig:
 
     def layer_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha",
-                                              "dropout", "top_k", "temperature", "router_bias")}
+                                              "dropout", "top_k", "temperature", "router_bias",
+                                              "router_placement")}
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .layer import STAGES, ExpertLinear, method_class, wrap_linear
+from .layer import STAGE_TRAINS, STAGES, ExpertLinear, method_class, wrap_linear
+from .placement import attach_block_routers, block_routers
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -73,7 +74,11 @@ def inject(model: nn.Module, method: str, domains, *, target_modules=DEFAULT_TAR
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             setattr(parent, attr, wrap_linear(getattr(parent, attr), method, len(domains), **layer_kwargs))
+    if layer_kwargs.get("router_placement", "layer") == "block":
+        attach_block_routers(model, expert_layers(model), len(method_class(method).routed_names(domains)),
+                             layer_kwargs)
     model.modula_spec = ExpertSpec(method, domains, target_modules, dict(layer_kwargs))
+    set_stage(model, "joint")
     return model
 
 
@@ -101,6 +106,9 @@ def set_stage(model: nn.Module, stage: str) -> nn.Module:
         param.requires_grad_(False)
     for layer in expert_layers(model).values():
         layer.set_stage(stage)
+    for router in block_routers(model).values():
+        router.active = stage in ("router", "joint")
+        router.requires_grad_("router" in STAGE_TRAINS[stage])
     return model
 
 
@@ -115,7 +123,8 @@ def forward_parameter_count(model: nn.Module) -> int:
     total = sum(p.numel() for p in model.parameters())
     for layer in expert_layers(model).values():
         for part in set(layer.parts) - set(layer.active_parts()):
-            total -= sum(t.numel() for t in getattr(layer, part).parameters())
+            total -= sum(t.numel() for t in getattr(layer, part).parameters()) if getattr(layer, part) else 0
+    total -= sum(p.numel() for r in block_routers(model).values() if not r.active for p in r.parameters())
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embeddings is not None and (head is None or head.weight is not embeddings.weight):
         total -= embeddings.weight.numel()
@@ -123,8 +132,11 @@ def forward_parameter_count(model: nn.Module) -> int:
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:
-    return {path: layer.router for path, layer in expert_layers(model).items()
-            if layer.router is not None and layer.mixing}
+    """The routers that mix experts at the current stage: ``{module path: Router}``, per layer
+    (``...q_proj.router``) or per block (``...layers.3.router``)."""
+    per_layer = {f"{path}.router": layer.router for path, layer in expert_layers(model).items()
+                 if layer.router is not None and layer.mixing}
+    return per_layer | {path: r for path, r in block_routers(model).items() if r.active}
 
 
 def load_balancing_loss(model: nn.Module) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..registry import Registry
 from .parts import LowRankExpert, StackedExperts
+from .placement import PLACEMENTS
 from .router import Router
 
 STAGES = ("universal", "experts", "router", "joint")
@@ -60,7 +61,8 @@ class ExpertLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, n_domains: int, *, universal_rank: int = 16, domain_rank: int = 8,
                  universal_alpha: float = 32, domain_alpha: float = 16, top_k: int | None = None,
-                 temperature: float = 1.0, dropout: float = 0.0, router_bias: bool = False):
+                 temperature: float = 1.0, dropout: float = 0.0, router_bias: bool = False,
+                 router_placement: str = "layer"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -72,6 +74,10 @@ class ExpertLinear(nn.Module):
         _positive("temperature", temperature, (int, float))
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if router_placement not in PLACEMENTS:
+            raise ValueError(f"router_placement must be one of {PLACEMENTS}, got {router_placement!r}")
+        if router_placement != "layer" and "router" not in self.parts:
+            raise ValueError(f"router_placement: method {self.method!r} has no router")
         n_routed = len(self.routed_names(range(n_domains)))
         if top_k is not None:
             if "router" not in self.parts:
@@ -84,7 +90,8 @@ class ExpertLinear(nn.Module):
         self.n_domains = n_domains
         self.layer_kwargs = dict(universal_rank=universal_rank, domain_rank=domain_rank,
                                  universal_alpha=universal_alpha, domain_alpha=domain_alpha, top_k=top_k,
-                                 temperature=temperature, dropout=dropout, router_bias=router_bias)
+                                 temperature=temperature, dropout=dropout, router_bias=router_bias,
+                                 router_placement=router_placement)
         self.universal_scale = universal_alpha / universal_rank
         self.domain_scale = domain_alpha / domain_rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -94,7 +101,8 @@ class ExpertLinear(nn.Module):
         d_read = d_out if self.domain_reads == "h" else d_in
         self.domain = StackedExperts(n_domains, d_read, d_out, domain_rank, **kw) if "domain" in self.parts else None
         self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
-                       if "router" in self.parts else None)
+                       if "router" in self.parts and router_placement == "layer" else None)
+        self.__dict__["shared_router"] = None  # placement 'block': the block's router (placement.py)
         self.set_stage("joint")
 
     # -- the contract: subclasses ----------------------------------------------------
@@ -131,7 +139,8 @@ class ExpertLinear(nn.Module):
             return {"rank": kw["universal_rank"], "alpha": kw["universal_alpha"]}
         if part == "domain":
             return {"rank": kw["domain_rank"], "alpha": kw["domain_alpha"], "reads": self.domain_reads}
-        return {"top_k": kw["top_k"], "temperature": kw["temperature"], "bias": kw["router_bias"]}
+        return {"top_k": kw["top_k"], "temperature": kw["temperature"], "bias": kw["router_bias"],
+                "placement": kw["router_placement"]}
 
     @classmethod
     def stack(cls, layers: list["ExpertLinear"], where: str = "layer") -> "ExpertLinear":
@@ -171,7 +180,7 @@ class ExpertLinear(nn.Module):
     @property
     def mixing(self) -> bool:
         """True when the router mixes the experts (stages router and joint)."""
-        return self.stage in ("router", "joint") and self.router is not None
+        return self.stage in ("router", "joint") and (self.router is not None or self.shared_router is not None)
 
     def set_stage(self, stage: str) -> None:
         if stage not in STAGES:
@@ -187,10 +196,13 @@ class ExpertLinear(nn.Module):
                 module.requires_grad_(part in STAGE_TRAINS[stage])
 
     def routed_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Gates over the domain experts ``[..., n]``: the router's in the mixture, 1 in stage experts."""
+        """Gates over the routed experts ``[..., n_routed]``: the layer's router (or its block's) in the
+        mixture, 1 in stage experts."""
         if not self.mixing:
             return x.new_ones(*x.shape[:-1], 1)
-        return self.router(x)
+        if self.router is not None:
+            return self.router(x)
+        return self.shared_router.current(x, self.method)
 
     def mix_domains(self, z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """``sum_i g_i s_d B_i z_i`` for rank activations ``z [..., n, r]``, in one matmul."""

@@ -26,7 +26,8 @@ def reference_gates(x: torch.Tensor, weight: torch.Tensor, bias, top_k, temperat
 
 class Terms:
     """The named parameters of one layer as plain functions: ``base(x)``, ``universal(x)``,
-    ``domain(i, v)`` (``s_d B_i A_i v``, the rank activation passed through ``act``), ``gates(x)``."""
+    ``domain(i, v)`` (``s_d B_i A_i v``, the rank activation passed through ``act``), ``gates(x)``
+    (from ``x``, or with a block-placed router from the block's normed input)."""
 
     def __init__(self, layer):
         self.p = dict(layer.named_parameters())
@@ -34,7 +35,11 @@ class Terms:
         self.kw, self.n, self.stage = kw, layer.n_domains, layer.stage
         self.s_u = kw["universal_alpha"] / kw["universal_rank"]
         self.s_d = kw["domain_alpha"] / kw["domain_rank"]
-        self.mixing = layer.stage in ("router", "joint") and "router.weight" in self.p
+        self.mixing = layer.mixing
+        shared = layer.shared_router  # placement 'block': the gates read the block's normed input
+        self.router = dict(shared.named_parameters()) if shared is not None else {
+            k.removeprefix("router."): v for k, v in self.p.items() if k.startswith("router.")}
+        self.router_input = shared.last_input if shared is not None else None
 
     def base(self, x):
         y = x @ self.p["base.weight"].T
@@ -47,7 +52,8 @@ class Terms:
         return self.s_d * (act(v @ self.p["domain.A"][i].T) @ self.p["domain.B"][i].T)
 
     def gates(self, x):
-        return reference_gates(x, self.p["router.weight"], self.p.get("router.bias"), self.kw["top_k"],
+        source = x if self.router_input is None else self.router_input
+        return reference_gates(source, self.router["weight"], self.router.get("bias"), self.kw["top_k"],
                                self.kw["temperature"])
 
 

@@ -15,12 +15,14 @@ import torch
 from ..errors import ArtifactError
 from ..fileio import atomic_dir, atomic_write_json, read_json, sha256_file
 from .inject import expert_layers, spec_of
+from .placement import block_routers
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "modula-ray/part"
 FORMAT_VERSION = 1
 PARTS = ("universal", "domain", "router")
+ADDED_LATER = {"placement": "layer"}  # config keys parts saved before they existed read as this
 
 
 def _domain_index(model, domain: str | None) -> int:
@@ -36,8 +38,13 @@ def part_tensors(model, part: str, domain: str | None = None) -> dict[str, torch
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     index = _domain_index(model, domain) if part == "domain" else None
-    return {f"{path}.{name}": tensor for path, layer in expert_layers(model).items()
-            for name, tensor in layer.part_tensors(part, index).items()}
+    layers = expert_layers(model).items()
+    if part == "router":  # one per layer (``...q_proj.weight``) or one per block (``...layers.3.router.weight``)
+        holders = {path: layer.router for path, layer in layers if layer.router is not None} | block_routers(model)
+        if not holders:
+            raise ValueError(f"part: method {spec_of(model).method!r} has no 'router' part")
+        return {f"{path}.{name}": t for path, holder in holders.items() for name, t in holder.named_parameters()}
+    return {f"{path}.{name}": tensor for path, layer in layers for name, tensor in layer.part_tensors(part, index).items()}
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -118,8 +125,9 @@ def _check_config(file, saved: dict, wanted: dict) -> None:
     if saved["part"] == "universal":
         compared.remove("method")  # a universal expert is a plain LoRA, shared by lora/flan/res
     for key in compared:
-        if saved.get(key) != wanted[key]:
-            raise ArtifactError(file, f"{key} is {saved.get(key)!r} in the file but {wanted[key]!r} in the model")
+        if saved.get(key, ADDED_LATER.get(key)) != wanted[key]:
+            raise ArtifactError(file, f"{key} is {saved.get(key, ADDED_LATER.get(key))!r} in the file but "
+                                      f"{wanted[key]!r} in the model")
 
 
 def load_part(model, part: str, path, *, domain: str | None = None) -> dict:

@@ -1,15 +1,16 @@
 """Stack single-expert layers (or models) into one n-expert layer (or model): stage 3's input.
 
 Domain experts are concatenated along the expert axis. The universal expert and the
-frozen base must be identical across inputs (stage 2 never changes them); the router is
-new and zero-initialised, because a router only makes sense for the stacked set.
+frozen base must be identical across inputs (stage 2 never changes them); the router (per
+layer or per block) is new and zero-initialised, because a router only makes sense for the stacked set.
 """
 from __future__ import annotations
 
 import copy
 
-from .inject import ExpertSpec, expert_layers, spec_of
+from .inject import ExpertSpec, expert_layers, set_stage, spec_of
 from .layer import ExpertLinear
+from .placement import attach_block_routers
 
 
 def _stack_layers(layers: list[ExpertLinear], where: str = "layer") -> ExpertLinear:
@@ -42,4 +43,7 @@ def stack_experts(items: list, domains: list[str] | None = None):
         setattr(stacked_model.get_submodule(parent_path), attr, layer)
     spec = specs[0]
     stacked_model.modula_spec = ExpertSpec(spec.method, domains, list(spec.target_modules), dict(spec.layer_kwargs))
-    return stacked_model
+    if spec.layer_kwargs.get("router_placement") == "block":  # a new, larger router per block
+        attach_block_routers(stacked_model, expert_layers(stacked_model), len(spec.method_class.routed_names(domains)),
+                             spec.layer_kwargs)
+    return set_stage(stacked_model, "joint")

@@ -29,7 +29,7 @@ class ModulaFlanLinear(ExpertLinear):
         z = self.domain.down(xd)
         if not self.mixing:
             return self.mix_domains(z, self.routed_gates(x))
-        gates = self.router(x)
+        gates = self.routed_gates(x)
         universal = self.universal(xd) * (self.universal_scale * gates[..., :1])
         return universal + self.mix_domains(z, gates[..., 1:])
 
