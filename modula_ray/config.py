@@ -25,7 +25,10 @@ def _coerce(value, hint, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own error names the inner field
+            return _coerce(value, others[0], where)
+        for arg in others:
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
@@ -80,6 +83,18 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def set_dotted(data: dict, key: str, value) -> dict:
+    """``data["stages"]["router"]["lr"] = value`` for ``key = "stages.router.lr"``."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"{part!r} is not a mapping")
+    node[parts[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``["stages.router.lr=1e-3", "experts.top_k=2"]`` -> nested updates (values parsed as YAML)."""
     import yaml
@@ -88,13 +103,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(item, "override must look like dotted.key=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, f"{part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        set_dotted(data, key, yaml.safe_load(raw))
     return data
 
 

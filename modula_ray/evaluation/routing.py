@@ -7,7 +7,11 @@ paper's Figure 3 (first, middle and last layer) and the routing accuracy per dom
 """
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
+
+import torch
 
 from ..compose import load_composition, read_manifest
 from ..fileio import atomic_write_json
@@ -18,7 +22,6 @@ RESULT_FILE = "routing.json"
 def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False
                       ) -> dict[str, dict[str, float]]:
     """``{prompt domain: {routed expert: mean gate}}``; empty for a method with no router."""
-    import torch
     from tqdm.auto import tqdm
 
     from ..data.build import load_manifest, split_file
@@ -66,14 +69,32 @@ def save_routing(run_dir, table: dict, *, split: str, rows: int, layers: dict | 
     return path
 
 
+@contextlib.contextmanager
+def captured_gates(model):
+    """``{router path: [gates [..., n_routed] of each call]}`` of every active router while inside."""
+    from ..experts.inject import routers
+
+    captured: dict[str, list] = {}
+    hooks = [router.register_forward_hook(
+        lambda module, args, gates, path=path: captured.setdefault(path, []).append(gates.detach()))
+        for path, router in routers(model).items()]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def own_expert_hits(captured: dict, expert: int) -> tuple[int, int]:
+    """``(hits, pairs)``: (router, token) pairs whose largest gate is routed expert ``expert``."""
+    winners = torch.cat([g.reshape(-1, g.shape[-1]) for calls in captured.values() for g in calls]).argmax(dim=-1)
+    return int((winners == expert).sum()), winners.numel()
+
+
 def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8) -> dict:
     """Per domain of the composition: the mean gate per expert at the first, middle and last
     layer (the paper's Figure 3), and the routing accuracy: the share of (router, token) pairs
     whose largest gate is the domain's own expert. ``{}`` for a method with no router."""
-    import re
-
-    import torch
-
     from ..data.build import split_file
     from ..data.formatting import prompt_ids
     from ..data.schema import read_split
@@ -85,31 +106,23 @@ def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8) -> dict:
         return {}
     model, tokenizer = load_composition(run_dir)
     names = spec_of(model).routed_names()
-    captured: dict[int, list[torch.Tensor]] = {}
-    hooks = []
-    for path, router in routers(model).items():
-        layer = int(re.search(r"layers\.(\d+)\.", path).group(1))
-        hooks.append(router.register_forward_hook(
-            lambda module, args, gates, layer=layer: captured.setdefault(layer, []).append(gates.detach()[0])))
-    layers = sorted({int(re.search(r"layers\.(\d+)\.", p).group(1)) for p in routers(model)})
+    layer_of = {path: int(re.search(r"layers\.(\d+)\.", path).group(1)) for path in routers(model)}
+    layers = sorted(set(layer_of.values()))
     picked = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
     result = {"experts": names, "layers": picked, "domains": {}}
-    try:
-        with torch.no_grad():
-            for domain in [d for d in manifest["domains"] if d in names]:
-                per_layer = {key: torch.zeros(len(names)) for key in picked}
-                hits = total = 0
-                prompts = read_split(split_file(manifest["data"]["dir"], domain, split)).column("prompt").to_pylist()[:rows]
-                for prompt in prompts:
-                    captured.clear()
-                    model(torch.tensor([prompt_ids(tokenizer, prompt)]))
-                    for key, layer in picked.items():
-                        per_layer[key] += torch.cat(captured[layer]).float().mean(dim=0) / len(prompts)
-                    winners = torch.cat([torch.cat(g) for g in captured.values()]).argmax(dim=-1)
-                    hits, total = hits + int((winners == names.index(domain)).sum()), total + winners.numel()
-                result["domains"][domain] = {"accuracy": hits / total,
-                                             **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with torch.no_grad(), captured_gates(model) as captured:
+        for domain in [d for d in manifest["domains"] if d in names]:
+            per_layer = {key: torch.zeros(len(names)) for key in picked}
+            hits = total = 0
+            prompts = read_split(split_file(manifest["data"]["dir"], domain, split)).column("prompt").to_pylist()[:rows]
+            for prompt in prompts:
+                captured.clear()
+                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                for key, layer in picked.items():
+                    gates = [g[0] for path, calls in captured.items() if layer_of[path] == layer for g in calls]
+                    per_layer[key] += torch.cat(gates).float().mean(dim=0) / len(prompts)
+                row_hits, row_pairs = own_expert_hits(captured, names.index(domain))
+                hits, total = hits + row_hits, total + row_pairs
+            result["domains"][domain] = {"accuracy": hits / total,
+                                         **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
     return result

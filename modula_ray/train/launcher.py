@@ -65,8 +65,10 @@ class ProgressTail:
                 print(line, flush=True)
 
 
-def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_failures: int, event: str):
-    """Train one task; returns ``(ledger record, final metrics)``."""
+def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_failures: int, event: str,
+             callbacks: list | None = None):
+    """Train one task; returns ``(ledger record, final metrics)``. ``callbacks``: Ray Train
+    ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when a Tune trial runs the task."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -82,7 +84,7 @@ def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_fai
     run_config = RunConfig(name=run_name, storage_path=storage_path,
                            failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
-                           worker_runtime_env={"env_vars": worker_env()},
+                           worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks or [],
                            logging_config=LoggingConfig(log_level="WARNING"))  # our own log line per step
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"task": task.to_dict()},
                            scaling_config=scaling, run_config=run_config, datasets={"train": dataset},
@@ -97,7 +99,7 @@ def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_fai
         raise StageFailedError(f"stage {task.key} ({run_name}) failed: {exc}; worker logs: "
                                f"{Path(task.run_dir) / 'logs'}") from exc
     ended = time.time()
-    if result.error is not None or not (result.metrics or {}).get("done"):
+    if result.error is not None or not (result.metrics or {}).get("final_report"):
         raise StageFailedError(f"stage {task.key} ({run_name}) failed: {result.error or 'no final report'}")
     metrics = dict(result.metrics)
     stage, _, domain = task.key.partition("/")

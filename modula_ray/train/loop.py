@@ -100,6 +100,16 @@ def _engine_name(engine) -> str:
     return "ddp" if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel) else "torch"
 
 
+def _validator(task: StageTask, tokenizer):
+    """``StageTask.validator`` ("module:Class") built as ``Class(tokenizer, task)``, or None."""
+    if not task.validator:
+        return None
+    import importlib
+
+    module, _, name = task.validator.partition(":")
+    return getattr(importlib.import_module(module), name)(tokenizer, task)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -135,6 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
     params = trainable_parameters(model)
     n_trainable, n_forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
     engine = make_engine(model, params, hp, world, task.dtype)
+    validate, validation = _validator(task, tokenizer), {}
 
     step, resumed_from = 0, None
     counters = {"tokens": 0, "response_tokens": 0, "loss": float("nan"), "first_loss": None,
@@ -184,6 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - window_start
         metrics = {"step": step, "loss": loss / world, "aux": aux / world, "lr": engine.lr(),
                    "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if validate is not None:  # on every rank: the forward is collective under ZeRO-3
+            validation = validate(engine.module)
+            metrics.update(validation)
         observer.log(step, total, metrics)
         counters["loss"] = metrics["loss"]
         if save_now and step < total:
@@ -196,6 +210,8 @@ def train_loop_per_worker(config: dict) -> None:
         # the next window's tokens/s counts training only; train_s (the whole window) includes reports
         window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
 
+    if validate is not None and not validation:  # resumed after the last step: validate the final weights
+        validation = validate(engine.module)
     with engine.full_parameters():
         if rank == 0:
             for ref in task.save:
@@ -212,7 +228,7 @@ def train_loop_per_worker(config: dict) -> None:
              "dropped": stats.dropped, "train_started_at": started, "train_ended_at": ended,
              "resumed_from_step": resumed_from, "engine": _engine_name(engine),
              "rank_nodes": _gather(ray.get_runtime_context().get_node_id(), world),
-             "rank_part_sha256": digests, "done": True}
+             "rank_part_sha256": digests, **validation, "final_report": True}
     with tempfile.TemporaryDirectory() as folder:
         checkpointing.write(Path(folder), rank=rank, step=step, counters=counters, params=params,
                             optimizer=engine.optimizer, scheduler=engine.scheduler, engine=engine.ds)

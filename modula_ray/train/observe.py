@@ -18,7 +18,7 @@ class Observer:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(task.run_dir) / "tensorboard" / task.slug))
+        self.writer = SummaryWriter(task.tensorboard_dir or str(Path(task.run_dir) / "tensorboard" / task.slug))
         try:
             from ray.util.metrics import Gauge
 
@@ -31,8 +31,9 @@ class Observer:
     def log(self, step: int, total: int, metrics: dict) -> None:
         if not self.active:
             return
+        validation = f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         print(f"[{self.task.key}] step {step}/{total} loss {metrics['loss']:.4f} aux {metrics['aux']:.3f} "
-              f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s", flush=True)
+              f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s{validation}", flush=True)
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{self.task.key}/{name}", value, step)

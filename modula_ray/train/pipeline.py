@@ -71,6 +71,14 @@ def open_run(config: PipelineConfig, run_dir, *, command: str, write_config: boo
     return run, manifest
 
 
+def router_hyperparameters(experts, stage: dict, data_weights: dict | None) -> dict:
+    """What the manifest records of a router: its layer settings (``ExpertsConfig``) and the
+    optimisation of the stage that trained it (``StageConfig`` as a dict)."""
+    return {"top_k": experts.top_k, "temperature": experts.temperature, "router_placement": experts.router_placement,
+            **{k: stage[k] for k in ("aux_loss_coef", "lr", "steps", "warmup_steps", "batch_size", "weight_decay")},
+            "data_weights": data_weights}
+
+
 class Runner:
     """Fits tasks for one run folder and keeps its manifest up to date after every stage."""
 
@@ -121,12 +129,9 @@ class Runner:
                 manifest["domains"][ref.domain] = {"path": rel(ref.path), "metrics": summary,
                                                    "data_sha256": manifest["_train_sha"][ref.domain]}
             else:
-                hp = task.hparams
                 routed = self.run.config.method_class.routed_names(task.domains)
-                manifest["router"] = {"path": rel(ref.path), "routed": routed, "hyperparameters": {
-                    "top_k": self.run.config.experts.top_k, "temperature": self.run.config.experts.temperature,
-                    "aux_loss_coef": hp["aux_loss_coef"], "lr": hp["lr"], "steps": hp["steps"],
-                    "batch_size": hp["batch_size"], "data_weights": task.data_weights}, "metrics": summary}
+                manifest["router"] = {"path": rel(ref.path), "routed": routed, "hyperparameters": router_hyperparameters(
+                    self.run.config.experts, task.hparams, task.data_weights), "metrics": summary}
         if "domain" not in self.run.config.method_class.parts:  # e.g. lora: the domains are only its data
             for domain in task.domains:
                 manifest["domains"][domain] = {"path": None, "metrics": {},

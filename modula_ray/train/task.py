@@ -27,6 +27,11 @@ class StageTask:
     save: list[PartRef] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     log_to_files: bool = True  # worker stdout/stderr -> RUN_DIR/logs/<slug>.rank<r>.log
+    tensorboard_dir: str | None = None  # default RUN_DIR/tensorboard/<slug>
+    # "module:Class" built once as Class(tokenizer, task); called with the model at every report, its
+    # metrics join the report (Tune sets the evaluation package's RouterValidation; train imports none)
+    validator: str | None = None
+    validator_args: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
