@@ -38,6 +38,7 @@ demo: install
 	@echo "  .venv/bin/tensorboard --logdir runs/demo/tensorboard      # loss, lr, tokens/s per stage"
 	@echo "  .venv/bin/python jobs/add_domain.py finance --run runs/demo # plug in a 5th domain: 1 expert + router"
 	@echo "  .venv/bin/modula-ray cost runs/demo                          # the cost ledger"
+	@echo "  .venv/bin/modula-ray tune router --run runs/demo             # Ray Tune searches the router (ASHA, 8 trials)"
 	@echo "  .venv/bin/modula-ray eval runs/demo --suite judge --limit 8  # judged generation (start a judge: see README)"
 	@echo "  less runs/demo/logs/driver.log                               # Ray's own output (workers: logs/*.rank*.log)"
 

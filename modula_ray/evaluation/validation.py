@@ -26,13 +26,13 @@ VALIDATOR = "modula_ray.evaluation.validation:RouterValidation"
 
 
 class RouterValidation:
-    def __init__(self, tokenizer, task, *, split: str | None = None, rows: int | None = None):
+    def __init__(self, tokenizer, task):
+        """``task``: a ``StageTask`` (data_dir, data_domains, max_length; ``validator_args``: split, rows)."""
         from ..data.build import split_file
         from ..data.formatting import encode_rows
         from ..data.schema import read_split
 
-        args = dict(task.validator_args or {})
-        split, rows = split or args.get("split", "val"), rows or args.get("rows", 8)
+        split, rows = task.validator_args.get("split", "val"), task.validator_args.get("rows", 8)
         self.pad_id = tokenizer.pad_token_id
         self.examples = {}
         for domain in task.data_domains:

@@ -11,7 +11,9 @@ import csv
 import json
 from pathlib import Path
 
+from ..evaluation.validation import METRICS
 from ..fileio import read_json
+from .search import BEFORE
 
 OBJECTIVE_PLOT, CURVES_PLOT = "objective.png", "asha_curves.png"
 
@@ -61,7 +63,7 @@ def _plt():
     return plt
 
 
-def objective_plot(rows: list[dict], space: dict, metric: str, path: Path) -> Path:
+def objective_plot(rows: list[dict], space: dict, metric: str, path: Path, before: float | None = None) -> Path:
     plt = _plt()
     names = list(space)
     cols = min(4, max(1, len(names)))
@@ -82,9 +84,11 @@ def objective_plot(rows: list[dict], space: dict, metric: str, path: Path) -> Pa
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(categories)), categories)
+        if before is not None:
+            ax.axhline(before, color="black", linestyle=":", linewidth=1)
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
-    fig.suptitle(f"{metric} of each trial (star: best; x: stopped early)")
+    fig.suptitle(f"{metric} of each trial (star: best; x: stopped early; dotted: the router before the search)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,6 +124,11 @@ def tune_report(run_dir) -> tuple[str, list[Path]]:
     experiment = run_dir / "tune" / rows[0]["search"]
     spec = read_json(experiment / "search.json")["spec"]
     metric = spec["search"]["metric"]
-    figures = [objective_plot(rows, spec["space"], metric, run_dir / "tune" / OBJECTIVE_PLOT),
+    before = read_json(experiment / BEFORE)["metrics"] if (experiment / BEFORE).is_file() else None
+    figures = [objective_plot(rows, spec["space"], metric, run_dir / "tune" / OBJECTIVE_PLOT,
+                              (before or {}).get(metric)),
                curves_plot(experiment, rows, metric, run_dir / "tune" / CURVES_PLOT)]
-    return format_trials(rows, metric), figures
+    table = format_trials(rows, metric)
+    if before:
+        table += "\nthe router before the search: " + ", ".join(f"{k} {before[k]:.4g}" for k in METRICS if k in before)
+    return table, figures

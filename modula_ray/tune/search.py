@@ -28,6 +28,7 @@ from .trainable import TrialContext, trial_folder
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tune-router.yaml"
 TRIAL_DRIVER_MEMORY = 512 * 2 ** 20  # bytes, logical: what a trial's driver process holds
+BEFORE = "router_before.json"  # the replaced router's entry and validation metrics
 REPORTED = ("step", "val_loss", "routing_accuracy", "load_balance", "loss")
 
 
@@ -109,6 +110,27 @@ def _tuner(experiment: Path, spec: SearchSpec, context, default_steps: int, name
     return tuner
 
 
+def router_before(run_dir: Path, context) -> dict | None:
+    """The validation metrics of the router installed before the search (what the best trial must
+    beat), on the same rows; None when the run's router cannot be loaded (e.g. never trained)."""
+    import dataclasses
+
+    from ..compose import load_composition
+    from ..evaluation.validation import RouterValidation
+    from ..train.stages import STAGE_TASKS
+
+    try:
+        model, tokenizer = load_composition(run_dir)
+    except (ArtifactError, FileNotFoundError) as exc:
+        print(f"[tune] the run's current router does not load ({exc}); no baseline", flush=True)
+        return None
+    task = dataclasses.replace(STAGE_TASKS["router"](context.run, context.run.domains)[0],
+                               validator_args=context.spec.validation.validator_args())
+    metrics = {k: v for k, v in RouterValidation(tokenizer, task)(model).items() if k in REPORTED}
+    print(f"[tune] the router before the search: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}", flush=True)
+    return metrics
+
+
 def trial_rows(experiment: Path, spec: SearchSpec) -> list[dict]:
     """One row per trial: id, status, hyperparameters, final metrics, seconds; best marked."""
     from ray.tune import ExperimentAnalysis
@@ -165,6 +187,8 @@ def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_conc
                            storage_path=config.storage_path or str(run_dir / "ray"), data_domains=data_domains,
                            train_rows={d: built[d]["splits"]["train"]["rows"] for d in data_domains})
     tuner = _tuner(experiment, spec, context, config.stages.router.steps, name)
+    if not (experiment / BEFORE).is_file():
+        atomic_write_json(experiment / BEFORE, {"router": manifest["router"], "metrics": router_before(run_dir, context)})
     expected = spec.expected_trials()
     tuner.fit()
     rows = trial_rows(experiment, spec)
@@ -189,5 +213,6 @@ def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_conc
         metrics={k: best[k] for k in REPORTED},
         tuned={"search": name, "trial": best["trial"], "metric": spec.search.metric, "mode": spec.search.mode,
                "trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
-               "stopped": sum(r["status"] == "stopped" for r in rows)})
+               "stopped": sum(r["status"] == "stopped" for r in rows),
+               "before": read_json(experiment / BEFORE)["metrics"]})
     return {"rows": rows, "best": best, "experiment": str(experiment), "manifest": manifest}

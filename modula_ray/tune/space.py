@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import PipelineConfig, ScalingSpec, from_dict, set_dotted, to_dict
+from ..config import PipelineConfig, ScalingSpec, from_dict, load_config, set_dotted, to_dict
 from ..errors import ConfigError
 from ..evaluation.validation import METRICS
 
@@ -103,6 +103,10 @@ class ValidationSettings:
     def __post_init__(self):
         if self.split not in ("val", "test", "train") or self.rows < 1 or (self.every is not None and self.every < 1):
             raise ConfigError("split", f"split is val|test|train, rows >= 1, every >= 1; got {self}")
+
+    def validator_args(self) -> dict:
+        """What ``evaluation.validation.RouterValidation`` reads from ``StageTask.validator_args``."""
+        return {"split": self.split, "rows": self.rows}
 
 
 @dataclass
@@ -196,19 +200,10 @@ def load_spec(path, *, n_routed: int, data_domains: list[str], num_samples: int 
               max_concurrent: int | None = None) -> SearchSpec:
     """The search file, validated against the run (its routed experts and data domains); the
     command line's ``--num-samples`` / ``--max-concurrent`` win over the file's."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError("space", "file not found", source=str(path)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("space", f"not valid YAML ({exc})", source=str(path)) from None
-    for key, value in (("num_samples", num_samples), ("max_concurrent", max_concurrent)):
-        if value is not None and isinstance(data, dict):
-            data.setdefault("search", {})[key] = value
-    spec = from_dict(SearchSpec, data, source=str(path))
+    counts = [f"search.{key}={value}" for key, value in (("num_samples", num_samples),
+                                                          ("max_concurrent", max_concurrent)) if value is not None]
+    spec = load_config(SearchSpec, path, counts)
     if spec.search.algorithm == "grid":
         loose = [k for k, v in spec.space.items() if isinstance(v, dict) and next(iter(v)) not in ("choice", "grid")]
         if loose:

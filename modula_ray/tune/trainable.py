@@ -62,7 +62,7 @@ def router_trial(sample: dict, context: TrialContext) -> None:
     task = dataclasses.replace(
         task, key=f"tune/{trial_id}", save=[PartRef("router", str(folder / "router"))],
         tensorboard_dir=str(folder / "steps"), validator=VALIDATOR,
-        validator_args={"split": context.spec.validation.split, "rows": context.spec.validation.rows},
+        validator_args=context.spec.validation.validator_args(),
         metadata={**task.metadata, "tune": {"search": context.search, "trial": trial_id, "sample": sample}})
     record, _ = fit_task(task, config.stage("router").scaling, run_name=f"modula-{run.run_id}-tune-{context.search}-"
                          f"{trial_id}", storage_path=context.storage_path, max_failures=config.max_failures,

@@ -75,6 +75,8 @@ def test_search_records_every_trial_and_installs_the_best_router(tuned):
     rows_of = {d: built[d]["splits"]["train"]["rows"] for d in ("math", "code", "general")}
     assert hp["data_weights"] == pytest.approx({**rows_of, "general": rows_of["general"] * best["data_weights.general"]})
     assert router["tuned"]["trial"] == best["trial"] and router["metrics"]["val_loss"] == best["val_loss"]
+    replaced = router["tuned"]["before"]  # the pipeline's router, scored on the same rows before the search
+    assert set(replaced) == {"val_loss", "routing_accuracy", "load_balance"} and replaced["val_loss"] > 0
     trial_router = run_dir / "tune" / "router" / f"trial_{best['trial']}" / "router"
     assert part_sha256(run_dir / "router") == part_sha256(trial_router) == router["sha256"]
     assert not (run_dir / "router.prev").exists() and not (run_dir / "router.new").exists()
@@ -125,6 +127,7 @@ def test_tune_report_prints_the_table_and_writes_the_figures(tuned, capsys):
     assert main(["tune", "report", str(run_dir)]) == 0
     printed = capsys.readouterr().out
     assert all(row["trial"] in printed for row in read_csv(run_dir)) and "<- best" in printed
+    assert "the router before the search: val_loss" in printed
     for name in ("objective.png", "asha_curves.png"):
         assert (run_dir / "tune" / name).read_bytes()[:4] == b"\x89PNG"
 
