@@ -146,6 +146,11 @@ class ExpertsConfig:
     temperature: float = 1.0                 # tau in softmax(W_R x / tau)
     router_bias: bool = False
     router_placement: str = "layer"          # layer: a router per adapted linear | block: one per transformer block
+    # mode (MoDE) only: its blocks are spans [start, end) of decoder layers; default mode_num_blocks spans of
+    # mode_block_layers layers, each ending a 1/mode_num_blocks part of the model
+    mode_blocks: list[list[int]] | None = None
+    mode_num_blocks: int = 3
+    mode_block_layers: int = 2
 
     def __post_init__(self):
         from .experts.placement import PLACEMENTS
@@ -159,11 +164,17 @@ class ExpertsConfig:
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or null, got {self.top_k}")
+        for name in ("mode_num_blocks", "mode_block_layers"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for i, span in enumerate(self.mode_blocks or []):
+            require(len(span) == 2 and 0 <= span[0] < span[1], f"mode_blocks[{i}]",
+                    f"a span is [start, end) with 0 <= start < end, got {span}")
 
     def layer_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha",
                                               "dropout", "top_k", "temperature", "router_bias",
-                                              "router_placement")}
+                                              "router_placement", "mode_blocks", "mode_num_blocks",
+                                              "mode_block_layers")}
 
 
 @dataclass
@@ -211,6 +222,7 @@ class StageConfig:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     deepspeed: dict | None = None            # {zero_stage: 2|3, ...extra DeepSpeed config}
     crash_at_step: int | None = None         # fault injection: rank 0 exits once here (resume tests)
+    only_router: bool = False                # stage joint after stage 2 (mode): train the router/gates only
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
@@ -255,7 +267,7 @@ class DataConfig:
 class PipelineConfig:
     """A whole composition: ``python jobs/pipeline.py --config CFG --out RUN_DIR``."""
 
-    method: str = "modula_res"               # a registered method: lora | molora | modula_flan | modula_res
+    method: str = "modula_res"               # a registered method: lora | molora | modula_flan | modula_res | mode
     base_model: str = "tiny-llama"           # registered name or HF folder
     domains: list[str] = field(default_factory=lambda: ["math", "code"])
     seed: int = 0
@@ -280,6 +292,10 @@ class PipelineConfig:
         require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 retries forever)")
         for domain in self.stages.experts.domains:
             self.stage("experts", domain)  # validates each override now, before any Ray work
+        if self.stages.joint.only_router:
+            plan = self.plan
+            require("joint" in plan and "experts" in plan[:plan.index("joint")], "stages.joint.only_router",
+                    f"needs a plan that trains the experts before the joint stage; {self.method} runs {plan}")
 
     @property
     def method_class(self):

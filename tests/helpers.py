@@ -13,3 +13,15 @@ def randomise_experts(model, seed=0, scale=0.05):
 
 def ids(tokenizer, text="the patient takes 12 + 7 = 19 doses"):
     return tokenizer(text, return_tensors="pt").input_ids
+
+
+def assert_same_gradients(fast, slow, rtol=1e-5, atol=1e-5) -> int:
+    """Pairs of ``(name, parameter)`` from a fast path and its reference got the same gradients (or
+    none on both sides); returns how many had one."""
+    checked = 0
+    for (name, p_fast), (_, p_slow) in zip(fast, slow):
+        assert (p_fast.grad is None) == (p_slow.grad is None), name
+        if p_fast.grad is not None:
+            torch.testing.assert_close(p_fast.grad, p_slow.grad, rtol=rtol, atol=atol, msg=name)
+            checked += 1
+    return checked

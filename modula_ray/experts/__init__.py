@@ -1,5 +1,6 @@
-"""Mixture-of-LoRA-experts layers; one file per method in ``methods/`` (``lora``, ``molora``,
-``modula_flan``, ``modula_res``), each registered in ``METHODS``.
+"""Expert modules; one file per method in ``methods/`` (``lora``, ``molora``, ``modula_flan``,
+``modula_res`` wrap linears; ``mode`` wraps spans of transformer blocks), each registered in
+``METHODS`` and keeping the contract of ``contract.py``.
 
 Public API::
 

@@ -1,8 +1,9 @@
 """Inject experts into a Hugging Face causal LM and drive its stage.
 
 ``inject`` replaces every target ``nn.Linear`` (Llama and Qwen2 layouts: q/k/v/o and
-gate/up/down projections) by the method's ``ExpertLinear`` and freezes the rest of the
-model. The model carries an ``ExpertSpec`` in ``model.modula_spec``.
+gate/up/down projections) by the method's ``ExpertLinear``, or, for a method that wraps blocks
+(``mode``), spans of transformer blocks by its block module; it freezes the rest of the model.
+The model carries an ``ExpertSpec`` in ``model.modula_spec``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .layer import STAGE_TRAINS, STAGES, ExpertLinear, method_class, wrap_linear
+from .contract import METHODS, STAGE_TRAINS, STAGES, ExpertModule, method_class
+from .layer import wrap_linear
 from .placement import attach_block_routers, block_routers
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,7 +29,7 @@ class ExpertSpec:
     layer_kwargs: dict = field(default_factory=dict)
 
     @property
-    def method_class(self) -> type[ExpertLinear]:
+    def method_class(self) -> type[ExpertModule]:
         return method_class(self.method)
 
     def routed_names(self) -> list[str]:
@@ -50,12 +52,27 @@ def _check_domains(domains) -> list[str]:
     return domains
 
 
+def method_options(method: str, options: dict) -> dict:
+    """``options`` without the ``ExpertsConfig`` fields that only other methods read (a config holds
+    them all); anything else, a typo included, still reaches the method and fails there."""
+    own = set(method_class(method).options)
+    others = set().union(*(cls.options for cls in METHODS.values())) - own
+    return {k: v for k, v in options.items() if k not in others}
+
+
 def inject(model: nn.Module, method: str, domains, *, target_modules=DEFAULT_TARGETS, **layer_kwargs) -> nn.Module:
-    """Wrap every target linear of ``model`` in place; returns the model, base frozen, stage ``joint``."""
-    method_class(method)
+    """Put the method's experts into ``model`` in place: wrap every target linear (LoRA methods) or
+    spans of transformer blocks (``mode``); returns the model, base frozen, stage ``joint``."""
+    cls = method_class(method)
     domains = _check_domains(domains)
+    layer_kwargs = method_options(method, layer_kwargs)
     if getattr(model, "modula_spec", None) is not None:
         raise ValueError("model: experts are already injected into this model")
+    if cls.wraps == "blocks":
+        model.requires_grad_(False)
+        cls.inject_into(model, len(domains), **layer_kwargs)
+        model.modula_spec = ExpertSpec(method, domains, list(target_modules), dict(layer_kwargs))
+        return set_stage(model, "joint")
     target_modules = list(target_modules)
     if not target_modules:
         raise ValueError("target_modules: empty")
@@ -82,9 +99,9 @@ def inject(model: nn.Module, method: str, domains, *, target_modules=DEFAULT_TAR
     return model
 
 
-def expert_layers(model: nn.Module) -> dict[str, ExpertLinear]:
-    """``{module path: layer}`` for every expert layer, in model order."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, ExpertLinear)}
+def expert_layers(model: nn.Module) -> dict[str, ExpertModule]:
+    """``{module path: expert module}`` (wrapped linears, or MoDE blocks), in model order."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, ExpertModule)}
 
 
 def spec_of(model: nn.Module) -> ExpertSpec:
@@ -122,8 +139,7 @@ def forward_parameter_count(model: nn.Module) -> int:
     minus an untied input embedding (a lookup, not a matmul)."""
     total = sum(p.numel() for p in model.parameters())
     for layer in expert_layers(model).values():
-        for part in set(layer.parts) - set(layer.active_parts()):
-            total -= sum(t.numel() for t in getattr(layer, part).parameters()) if getattr(layer, part) else 0
+        total -= sum(p.numel() for p in layer.idle_parameters())
     total -= sum(p.numel() for r in block_routers(model).values() if not r.active for p in r.parameters())
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embeddings is not None and (head is None or head.weight is not embeddings.weight):

@@ -1,16 +1,10 @@
-"""``ExpertLinear``: a frozen ``nn.Linear`` plus experts, ``y = W0 x + delta(x)``, and the method contract.
+"""``ExpertLinear``: a frozen ``nn.Linear`` plus LoRA-shaped experts, ``y = W0 x + delta(x)``.
 
-Each method is one file in ``methods/`` that subclasses ``ExpertLinear``, registers itself in
-``METHODS`` and carries everything the rest of the code asks about it:
+The LoRA methods (``lora``, ``molora``, ``modula_flan``, ``modula_res``) subclass it in
+``methods/`` and keep the method contract of ``contract.py``; on top of it they carry:
 
-``delta(x)``          its maths, stacked (one matmul over all experts)
-``reference(x)``      the same maths as a plain per-expert loop (tests hold ``delta`` to it)
-``stage_plan``        the pipeline's stages, in order
-``add_domain_plan``   the stages re-run to plug in one more domain
-``routed_names``      router output order over ``universal`` and the domains
-``inference_stage``   the stage a finished composition is loaded in
+``delta(x)``          their maths, stacked (one matmul over all experts)
 ``domain_reads``      what a domain expert reads: ``x`` (d_in) or ``h`` (d_out, res)
-``peft_parts``        parts that are plain LoRA pairs and export to PEFT
 ``part_tensors``      which tensors a saved part holds (domain tensors have the expert axis first)
 
 The stage decides which parts take part in the forward and which train (DESIGN §1):
@@ -32,15 +26,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..registry import Registry
+from .contract import METHODS, PARTS, STAGE_TRAINS, STAGES, ExpertModule, method_class  # noqa: F401 (re-exported)
 from .parts import LowRankExpert, StackedExperts
 from .placement import PLACEMENTS
 from .router import Router
-
-STAGES = ("universal", "experts", "router", "joint")
-PARTS = ("universal", "domain", "router")
-STAGE_TRAINS = {"universal": ("universal",), "experts": ("domain",), "router": ("router",), "joint": PARTS}
-METHODS = Registry("method", "method")
 
 
 def _positive(field: str, value, kinds=(int,)) -> None:
@@ -48,16 +37,12 @@ def _positive(field: str, value, kinds=(int,)) -> None:
         raise ValueError(f"{field} must be a positive {'integer' if kinds == (int,) else 'number'}, got {value!r}")
 
 
-class ExpertLinear(nn.Module):
-    method: ClassVar[str]
-    parts: ClassVar[tuple[str, ...]]             # which of universal / domain / router exist
-    stages: ClassVar[tuple[str, ...]]            # stages this method can be set to
-    stage_plan: ClassVar[tuple[str, ...]]        # pipeline stages, in order
-    add_domain_plan: ClassVar[tuple[str, ...]]   # stages re-run by add-domain
-    inference_stage: ClassVar[str] = "router"
+class ExpertLinear(ExpertModule):
+    """A frozen ``nn.Linear`` plus the method's LoRA-shaped experts: ``y = W0 x + delta(x)``."""
+
     domain_reads: ClassVar[str] = "x"            # res: A_i reads h (d_out), not x (d_in)
-    universal_routed: ClassVar[bool] = False     # flan: the universal expert is router index 0
-    peft_parts: ClassVar[tuple[str, ...]] = ()
+    options = ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha", "top_k", "temperature", "dropout",
+               "router_bias", "router_placement")
 
     def __init__(self, base: nn.Linear, n_domains: int, *, universal_rank: int = 16, domain_rank: int = 8,
                  universal_alpha: float = 32, domain_alpha: float = 16, top_k: int | None = None,
@@ -106,23 +91,12 @@ class ExpertLinear(nn.Module):
         self.set_stage("joint")
 
     # -- the contract: subclasses ----------------------------------------------------
-    @classmethod
-    def routed_names(cls, domains) -> list:
-        """Router output order: ``universal`` first when it is routed (flan), then the domains."""
-        return (["universal"] if cls.universal_routed else []) + list(domains)
-
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """``y`` computed expert by expert from the named parameters (see ``reference.py``)."""
         raise NotImplementedError
-
-    def active_parts(self) -> tuple[str, ...]:
-        """Parts that take part in the forward at the current stage (for FLOP counts)."""
-        if self.stage == "universal":
-            return ("universal",)
-        return tuple(p for p in self.parts if p != "router" or self.mixing)
 
     def part_tensors(self, part: str, index: int | None = None) -> dict[str, torch.Tensor]:
         """The live tensors of ``part`` by parameter name; ``index`` picks one domain expert."""
@@ -179,21 +153,8 @@ class ExpertLinear(nn.Module):
     # -- shared -----------------------------------------------------------------------
     @property
     def mixing(self) -> bool:
-        """True when the router mixes the experts (stages router and joint)."""
+        """True when the router (the layer's own, or its block's) mixes the experts."""
         return self.stage in ("router", "joint") and (self.router is not None or self.shared_router is not None)
-
-    def set_stage(self, stage: str) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        if stage not in self.stages:
-            raise ValueError(f"stage {stage!r} does not apply to method {self.method!r} (it has {self.stages})")
-        if stage == "experts" and self.n_domains != 1:
-            raise ValueError(f"stage 'experts' needs exactly one domain expert; this layer holds {self.n_domains}")
-        self.stage = stage
-        for part in PARTS:
-            module = getattr(self, part)
-            if module is not None:
-                module.requires_grad_(part in STAGE_TRAINS[stage])
 
     def routed_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates over the routed experts ``[..., n_routed]``: the layer's router (or its block's) in the
@@ -214,11 +175,6 @@ class ExpertLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"method={self.method}, n_domains={self.n_domains}, stage={self.stage}, "
                 f"in={self.base.in_features}, out={self.base.out_features}")
-
-
-def method_class(method: str, field: str = "method") -> type[ExpertLinear]:
-    """The registered class of ``method``; unknown names raise ``ConfigError`` with a suggestion."""
-    return METHODS.get(method, field=field)
 
 
 def wrap_linear(base: nn.Linear, method: str, n_domains: int, **layer_kwargs) -> ExpertLinear:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 
 from .inject import ExpertSpec, expert_layers, set_stage, spec_of
-from .layer import ExpertLinear
+from .contract import ExpertModule
 from .placement import attach_block_routers
 
 
-def _stack_layers(layers: list[ExpertLinear], where: str = "layer") -> ExpertLinear:
+def _stack_layers(layers: list[ExpertModule], where: str = "layer") -> ExpertModule:
     return type(layers[0]).stack(layers, where=where)
 
 
@@ -26,7 +26,7 @@ def stack_experts(items: list, domains: list[str] | None = None):
     items = list(items)
     if not items:
         raise ValueError("stack_experts: nothing to stack")
-    if all(isinstance(item, ExpertLinear) for item in items):
+    if all(isinstance(item, ExpertModule) for item in items):
         return _stack_layers(items)
     specs = [spec_of(model) for model in items]
     names = [name for spec in specs for name in spec.domains]

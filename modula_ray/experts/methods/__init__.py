@@ -4,3 +4,4 @@ from . import lora  # noqa: F401
 from . import modula_flan  # noqa: F401
 from . import modula_res  # noqa: F401
 from . import molora  # noqa: F401
+from . import mode  # noqa: F401

@@ -16,7 +16,7 @@ class ModulaFlanLinear(ExpertLinear):
     stages = ("universal", "experts", "router", "joint")
     stage_plan = ("universal", "experts", "router")
     add_domain_plan = ("experts", "router")
-    universal_routed = True
+    fixed_routed = ("universal",)
     peft_parts = ("universal", "domain")
 
     def active_parts(self):
