@@ -126,7 +126,7 @@ def load_composition(run_dir, *, dtype: str = "float32"):
     manifest = read_manifest(run_dir)
     domains = list(manifest["domains"])
     router = manifest["router"]
-    if router and [d for d in router["routed"] if d != "universal"] != domains:
+    if router and router["routed"] != method_class(manifest["method"]).routed_names(domains):
         raise ArtifactError(Path(run_dir) / MANIFEST, f"router was trained for {router['routed']}, the composition "
                                                       f"holds {domains}: retrain the router")
     parts = composition_parts(run_dir, manifest)

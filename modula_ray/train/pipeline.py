@@ -23,7 +23,7 @@ from .session import connect_ray
 from .stages import STAGE_TASKS
 from .task import RunContext, StageTask
 
-DEPENDS = {"router": ("universal", "experts/"), "experts/": ("universal",)}
+DEPENDS = {"router": ("universal", "experts/"), "experts/": ("universal",), "joint": ("experts/",)}
 CONFIG_FILE = "config.yaml"
 
 

@@ -176,7 +176,8 @@ def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_conc
     manifest, config = check_run(run_dir)
     data_domains = config.domains + [config.data.general_domain]
     spec = load_spec(space or DEFAULT_SPACE, n_routed=len(config.method_class.routed_names(config.domains)),
-                     data_domains=data_domains, num_samples=num_samples, max_concurrent=max_concurrent)
+                     data_domains=data_domains, num_samples=num_samples, max_concurrent=max_concurrent,
+                     options=config.method_class.options)
     connect_ray(run_dir)
     check_concurrent(spec.trial or config.stages.router.scaling, spec.search.max_concurrent)
     command = command or f"modula-ray tune router --run {run_dir} --name {name}"

@@ -158,10 +158,13 @@ def _check_value(where: str, p: Param, value, n_routed: int) -> None:
                           + (f" (the run routes {n_routed} experts)" if where.endswith("top_k") else ""))
 
 
-def check_space(space: dict, *, n_routed: int, data_domains: list[str], source: str | None = None) -> None:
-    """Raise ``ConfigError`` (``space.<name>``) for an unknown hyperparameter, a malformed or empty
-    distribution, or a value the hyperparameter cannot take (e.g. top_k above the routed experts)."""
-    known = list(PARAMS) + [WEIGHTS + d for d in data_domains]
+def check_space(space: dict, *, n_routed: int, data_domains: list[str], options=None, source: str | None = None
+                ) -> None:
+    """Raise ``ConfigError`` (``space.<name>``) for an unknown hyperparameter (or one the run's method
+    does not read: ``options``), a malformed or empty distribution, or a value the hyperparameter cannot
+    take (e.g. top_k above the routed experts)."""
+    known = [name for name, p in PARAMS.items() if options is None or not p.field.startswith("experts.")
+             or p.field.partition(".")[2] in options] + [WEIGHTS + d for d in data_domains]
     for name, dist in space.items():
         where = f"space.{name}"
         try:
@@ -197,7 +200,7 @@ def check_space(space: dict, *, n_routed: int, data_domains: list[str], source: 
 
 
 def load_spec(path, *, n_routed: int, data_domains: list[str], num_samples: int | None = None,
-              max_concurrent: int | None = None) -> SearchSpec:
+              max_concurrent: int | None = None, options=None) -> SearchSpec:
     """The search file, validated against the run (its routed experts and data domains); the
     command line's ``--num-samples`` / ``--max-concurrent`` win over the file's."""
     path = Path(path)
@@ -211,7 +214,7 @@ def load_spec(path, *, n_routed: int, data_domains: list[str], num_samples: int 
                                                   "constant, choice or grid", source=str(path))
     if spec.search.algorithm == "optuna" and any(isinstance(v, dict) and "grid" in v for v in spec.space.values()):
         raise ConfigError("search.algorithm", "optuna cannot run grid distributions; use choice", source=str(path))
-    check_space(spec.space, n_routed=n_routed, data_domains=data_domains, source=str(path))
+    check_space(spec.space, n_routed=n_routed, data_domains=data_domains, options=options, source=str(path))
     return spec
 
 

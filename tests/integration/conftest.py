@@ -42,6 +42,20 @@ def tiny_run(ray_local, tmp_path_factory):
     return run_dir, manifest
 
 
+MODE = ["method=mode", "experts.mode_blocks=[[0, 1], [1, 2]]", "stages.experts.steps=6", "stages.joint.steps=6",
+        "stages.router.steps=6"]  # the tiny model's 2 layers as two MoDE blocks of one layer
+
+
+@pytest.fixture(scope="session")
+def mode_run(ray_local, tmp_path_factory):
+    """``(run_dir, manifest)`` of the tiny pipeline with ``method: mode`` (experts, then joint)."""
+    from modula_ray.config import PipelineConfig, load_config
+    from modula_ray.train.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("runs") / "mode"
+    return run_dir, run_pipeline(load_config(PipelineConfig, TINY, MODE), run_dir, command="pytest tiny mode")
+
+
 def copy_run(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("ray"))
     return target

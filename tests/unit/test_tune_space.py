@@ -53,6 +53,15 @@ def test_bad_spaces_name_the_hyperparameter_and_the_file(tmp_path, space, field,
     assert caught.value.field == field and caught.value.source == str(tmp_path / "space.yaml")
 
 
+def test_a_hyperparameter_the_method_does_not_read_is_unknown(tmp_path):
+    from modula_ray.experts import method_class
+
+    path = write(tmp_path, {"router_placement": {"choice": ["layer", "block"]}})
+    load_spec(path, n_routed=2, data_domains=DOMAINS, options=method_class("modula_res").options)
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'router_placement'"):  # mode's gates sit per block
+        load_spec(path, n_routed=3, data_domains=DOMAINS, options=method_class("mode").options)
+
+
 @pytest.mark.parametrize("sections, field", [
     ({"search": {"metric": "accuracy"}}, "search.metric"),
     ({"search": {"algorithm": "hyperopt"}}, "search.algorithm"),
