@@ -1,9 +1,11 @@
 """Stage 2 on Ray Train: two domain experts at once vs alone vs one after another. Prints JSON.
 
     python benchmarks/bench_stage2.py --out docs/results/bench_stage2.json
+    python benchmarks/bench_stage2.py --method mode --out docs/results/bench_stage2_mode.json
 
 Tiny random Llama (``jobs/configs/tiny.yaml``), N=2 domain experts (math, code) over one
-frozen universal expert, on an in-process Ray with ``--cpus`` logical CPUs (default: the
+frozen universal expert (``modula_res``; with ``--method mode``: two MoDE experts, each a copy of
+both decoder layers, no universal), on an in-process Ray with ``--cpus`` logical CPUs (default: the
 machine's cores). Each repeat runs, interleaved:
 
 ``alone``       each expert by itself, 1 worker x 1 CPU, 1 torch thread
@@ -39,8 +41,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 DOMAINS = ("math", "code")
 
 
-def pinned(cpus: int, steps: int, batch: int) -> list[str]:
-    return [f"stages.experts.steps={steps}", f"stages.experts.batch_size={batch}",
+METHOD = {"modula_res": [], "mode": ["method=mode", "experts.mode_blocks=[[0, 2]]"]}
+
+
+def pinned(cpus: int, steps: int, batch: int, method: str = "modula_res") -> list[str]:
+    return METHOD[method] + [f"stages.experts.steps={steps}", f"stages.experts.batch_size={batch}",
             f"stages.experts.log_every={steps}", f"stages.experts.checkpoint_every={steps}",
             f"stages.experts.scaling.resources_per_worker={{CPU: {cpus}}}",
             f"stages.experts.scaling.torch_threads={cpus}"]
@@ -64,14 +69,14 @@ def window(records: list[dict], start: str, end: str) -> float:
     return round(max(r[end] for r in records) - min(r[start] for r in records), 3)
 
 
-def one_repeat(base: Path, work: Path, index: int, steps: int, batch: int) -> dict:
+def one_repeat(base: Path, work: Path, index: int, steps: int, batch: int, method: str) -> dict:
     alone = {}
     for domain in DOMAINS:
-        alone.update(experts(base, work, f"alone-{domain}-{index}", pinned(1, steps, batch), domain))
-    both = experts(base, work, f"concurrent-{index}", pinned(1, steps, batch), None)
+        alone.update(experts(base, work, f"alone-{domain}-{index}", pinned(1, steps, batch, method), domain))
+    both = experts(base, work, f"concurrent-{index}", pinned(1, steps, batch, method), None)
     sequential = {}
     for domain in DOMAINS:
-        sequential.update(experts(base, work, f"sequential-{domain}-{index}", pinned(2, steps, batch), domain))
+        sequential.update(experts(base, work, f"sequential-{domain}-{index}", pinned(2, steps, batch, method), domain))
     pair = list(both.values())
     return {
         "alone_train_s": {d: alone[d]["train_s"] for d in DOMAINS},
@@ -85,6 +90,7 @@ def one_repeat(base: Path, work: Path, index: int, steps: int, batch: int) -> di
                       "concurrent": round(statistics.mean(both[d]["startup_s"] for d in DOMAINS), 3),
                       "sequential": round(statistics.mean(sequential[d]["startup_s"] for d in DOMAINS), 3)},
         "tokens": {d: alone[d]["tokens"] for d in DOMAINS},
+        "trainable_params": {d: alone[d]["trainable_params"] for d in DOMAINS},
         "concurrent_windows_overlap_s": round(min(r["train_ended_at"] for r in pair)
                                               - max(r["train_started_at"] for r in pair), 3),
     }
@@ -111,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per expert")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="logical CPUs given to Ray")
+    parser.add_argument("--method", choices=sorted(METHOD), default="modula_res")
     args = parser.parse_args(argv)
 
     import ray
@@ -124,10 +131,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-stage2-") as tmp:
         work = Path(tmp)
         base = work / "base"
-        run_stage(load_config(PipelineConfig, ROOT / "jobs/configs/tiny.yaml"), base, "universal")
+        config = load_config(PipelineConfig, ROOT / "jobs/configs/tiny.yaml", METHOD[args.method])
+        if "universal" in config.plan:  # stage 2 trains over it
+            run_stage(config, base, "universal")
+        else:  # nothing to train first: the data and the manifest
+            from modula_ray.train.pipeline import open_run
+
+            open_run(config, base, command="bench_stage2")
         repeats = []
         for index in range(args.repeats):
-            repeats.append(one_repeat(base, work, index, args.steps, args.batch_size))
+            repeats.append(one_repeat(base, work, index, args.steps, args.batch_size, args.method))
             print(f"repeat {index + 1}/{args.repeats}: {json.dumps(repeats[-1])}", file=sys.stderr, flush=True)
     ray.shutdown()
     import torch
@@ -135,7 +148,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "bench_stage2", "command": "python " + " ".join(sys.argv),
               "machine": {"cpus": os.cpu_count(), "ray_cpus": args.cpus, "platform": platform.platform(),
                           "torch": torch.__version__, "ray": ray.__version__},
-              "model": "tiny-llama (hidden 64, 2 layers), modula_res, 2 domain experts",
+              "model": f"tiny-llama (hidden 64, 2 layers), {args.method}, 2 domain experts", "method": args.method,
               "steps": args.steps, "batch_size": args.batch_size, "repeats": repeats,
               "ratios": summarise(repeats), "elapsed_s": round(time.time() - started, 1)}
     text = json.dumps(report, indent=2)

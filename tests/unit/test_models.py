@@ -47,7 +47,8 @@ def test_unknown_base_model_and_missing_package():
 
 
 @pytest.mark.slow
-def test_smollm2_fresh_inject_keeps_logits():
+@pytest.mark.parametrize("method", ["modula_res", "mode"])
+def test_smollm2_fresh_inject_keeps_logits(method):
     folder = base_model("smollm2-135m")
     model, tokenizer = load_base(folder)
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
@@ -57,7 +58,7 @@ def test_smollm2_fresh_inject_keeps_logits():
     x = torch.tensor([x])
     with torch.no_grad():
         before = model(x).logits
-        inject(model, "modula_res", ["math", "code"])
+        inject(model, method, ["math", "code"])
         after = model(x).logits
     assert torch.equal(before, after)
     assert torch.isfinite(before).all()
