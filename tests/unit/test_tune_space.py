@@ -121,3 +121,17 @@ def test_a_trial_config_is_the_run_config_with_the_sample_applied(tmp_path):
     assert config.stages.experts == base.stages.experts and base.stages.router.lr == 0.01  # nothing else moves
     unweighted = trial_config(base, spec_of(tmp_path, {"lr": 0.02}), {"lr": 0.02}, {}, DOMAINS)
     assert unweighted.stages.router.data_weights is None
+
+
+def test_the_default_space_converts_to_optuna_distributions():
+    """search.algorithm: optuna (TPE) takes the same space; Optuna is pinned, so this runs offline."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    demo = load_config(PipelineConfig, ROOT / "jobs/configs/demo.yaml")
+    spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", n_routed=4, data_domains=demo.domains + ["general"])
+    spec.search.algorithm = "optuna"
+    converted = dict(OptunaSearch.convert_search_space(tune_space(spec)))
+    assert set(converted) == set(spec.space)
+    assert isinstance(converted["lr"], FloatDistribution) and converted["lr"].log
+    assert isinstance(converted["top_k"], CategoricalDistribution) and None in converted["top_k"].choices
