@@ -42,8 +42,9 @@ def tiny_run(ray_local, tmp_path_factory):
     return run_dir, manifest
 
 
-MODE = ["method=mode", "experts.mode_blocks=[[0, 1], [1, 2]]", "stages.experts.steps=6", "stages.joint.steps=6",
-        "stages.router.steps=6"]  # the tiny model's 2 layers as two MoDE blocks of one layer
+# The tiny model's 2 layers as two MoDE blocks of one layer; stage 2 long enough to overlap (CONCURRENT).
+MODE = ["method=mode", "experts.mode_blocks=[[0, 1], [1, 2]]", "stages.joint.steps=6", "stages.router.steps=6",
+        *CONCURRENT]
 
 
 @pytest.fixture(scope="session")
