@@ -223,6 +223,7 @@ class StageConfig:
     deepspeed: dict | None = None            # {zero_stage: 2|3, ...extra DeepSpeed config}
     crash_at_step: int | None = None         # fault injection: rank 0 exits once here (resume tests)
     only_router: bool = False                # stage joint after stage 2 (mode): train the router/gates only
+    compile: bool = False                    # torch.compile the forward (the first steps pay the compile)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):

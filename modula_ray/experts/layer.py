@@ -3,9 +3,16 @@
 The LoRA methods (``lora``, ``molora``, ``modula_flan``, ``modula_res``) subclass it in
 ``methods/`` and keep the method contract of ``contract.py``; on top of it they carry:
 
-``delta(x)``          their maths, stacked (one matmul over all experts)
+``rank_code(x)``      their maths as one LoRA of rank R: ``delta(x) = up c(x)``, the code ``c [T, R]``
+                      holding every active expert's gated, scaled rank activations
 ``domain_reads``      what a domain expert reads: ``x`` (d_in) or ``h`` (d_out, res)
 ``part_tensors``      which tensors a saved part holds (domain tensors have the expert axis first)
+
+The forward is the same for all of them, ``y = addmm(W0 x + b0, c(x), up^T)``: the A matrices (and
+the layer's router) are concatenated so one matmul reads x, gates and scales apply to the few rank
+columns, one matmul goes up, and the sum with the frozen path happens inside that matmul. The cost is
+one LoRA of rank R (lora 16; molora 4 x 8; flan and res 16 + 4 x 8) plus a router; measured against
+peft in docs/PERFORMANCE.md.
 
 The stage decides which parts take part in the forward and which train (DESIGN §1):
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .contract import METHODS, PARTS, STAGE_TRAINS, STAGES, ExpertModule, method_class  # noqa: F401 (re-exported)
@@ -88,10 +96,12 @@ class ExpertLinear(ExpertModule):
         self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
                        if "router" in self.parts and router_placement == "layer" else None)
         self.__dict__["shared_router"] = None  # placement 'block': the block's router (placement.py)
+        self._fused: dict = {}                  # see fused()
         self.set_stage("joint")
 
     # -- the contract: subclasses ----------------------------------------------------
-    def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def rank_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """For ``x [..., d_in]``: the code ``c [..., R]`` and ``up [d_out, R]``, ``delta(x) = c @ up.T``."""
         raise NotImplementedError
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -156,6 +166,11 @@ class ExpertLinear(ExpertModule):
         """True when the router (the layer's own, or its block's) mixes the experts."""
         return self.stage in ("router", "joint") and (self.router is not None or self.shared_router is not None)
 
+    @property
+    def dropping(self) -> bool:
+        """True when dropout is on (training, p > 0): the A matrices read a dropped-out copy of x."""
+        return isinstance(self.dropout, nn.Dropout) and self.training
+
     def routed_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates over the routed experts ``[..., n_routed]``: the layer's router (or its block's) in the
         mixture, 1 in stage experts."""
@@ -165,12 +180,48 @@ class ExpertLinear(ExpertModule):
             return self.router(x)
         return self.shared_router.current(x, self.method)
 
-    def mix_domains(self, z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """``sum_i g_i s_d B_i z_i`` for rank activations ``z [..., n, r]``, in one matmul."""
-        return self.domain.up(z * (self.domain_scale * gates).unsqueeze(-1))
+    def read(self, x: torch.Tensor, *mats: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``[x M^T for M in mats]`` and the gates (``None`` outside the mixture) from one matmul that
+        reads x once: the A matrices and the layer's router weight concatenated. With dropout on, the A
+        matrices read dropout(x) and the router, which reads x, has a matmul of its own."""
+        fuse_router = self.mixing and self.router is not None and not self.dropping
+        if fuse_router:
+            mats = (*mats, self.router.weight)
+        down = self.fused(("down", len(mats)), lambda: torch.cat(mats)) if len(mats) > 1 else mats[0]
+        out = self.dropout(x) @ down.T
+        pieces = list(out.split([m.shape[0] for m in mats], dim=-1))
+        if fuse_router:
+            return pieces, self.router.gate(pieces.pop())
+        return pieces, self.routed_gates(x) if self.mixing else None
+
+    def fused(self, name, build):
+        """``build()``, weights joined (or multiplied) for the fused path. Without autograd (serving,
+        evaluation) it is kept until a parameter of the layer changes, so a decode step joins nothing."""
+        if torch.is_grad_enabled():
+            return build()
+        key = (self.stage, self.mixing, *((p.data_ptr(), p._version) for p in self.parameters()))
+        hit = self._fused.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._fused[name] = (key, build())
+        return hit[1]
+
+    def universal_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage universal: ``s* A* x`` going up through ``B*``."""
+        (u,), _ = self.read(x, self.universal.A)
+        return u * self.universal_scale, self.universal.B
+
+    def gate_ranks(self, z: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """``s_d g_i z_i`` over the domain ranks ``z [..., n r]`` (expert i at ``i r : (i+1) r``); gates
+        ``[..., n]``, or ``None`` for one expert alone (stage experts)."""
+        if gates is None:
+            return z * self.domain_scale
+        return (z.unflatten(-1, (gates.shape[-1], -1)) * (self.domain_scale * gates).unsqueeze(-1)).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.delta(x)
+        code, up = self.rank_code(x)
+        tokens = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(F.linear(tokens, self.base.weight, self.base.bias), code.reshape(-1, code.shape[-1]), up.T)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, n_domains={self.n_domains}, stage={self.stage}, "

@@ -38,11 +38,11 @@ class LowRankExpert(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """n low-rank experts held as two stacked tensors and computed with two matmuls.
+    """n low-rank experts held as two stacked tensors, used as one LoRA of rank ``n r``.
 
-    ``down(x)`` gives every expert's rank activations at once, ``[T, n, r]``;
-    ``up(z)`` contracts experts and rank together, ``sum_i B_i z_i`` -> ``[T, d_out]``,
-    so the gates can be folded into ``z`` before the single up-projection.
+    ``flat_A`` ``[n r, d_read]`` (a view) and ``flat_B`` ``[d_out, n r]`` put expert i's ranks at
+    ``i r : (i+1) r``, so ``sum_i g_i B_i A_i x = flat_B (g (x) A x)`` with the gates applied in
+    rank space: two matmuls whatever n, and never a ``[tokens, n, d_out]`` tensor.
     """
 
     def __init__(self, n: int, d_read: int, d_out: int, rank: int, *, dtype=None, device=None):
@@ -58,11 +58,10 @@ class StackedExperts(nn.Module):
     def rank(self) -> int:
         return self.A.shape[1]
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        n, r, d_read = self.A.shape
-        return (x @ self.A.reshape(n * r, d_read).T).view(*x.shape[:-1], n, r)
+    @property
+    def flat_A(self) -> torch.Tensor:
+        return self.A.flatten(0, 1)
 
-    def up(self, z: torch.Tensor) -> torch.Tensor:
-        n, d_out, r = self.B.shape
-        b_flat = self.B.permute(1, 0, 2).reshape(d_out, n * r)
-        return z.reshape(*z.shape[:-2], n * r) @ b_flat.T
+    @property
+    def flat_B(self) -> torch.Tensor:
+        return self.B.permute(1, 0, 2).flatten(1)

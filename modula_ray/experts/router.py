@@ -1,6 +1,7 @@
 """Token-level router: ``g = softmax(W_R x / tau)``, optionally top-k and renormalised.
 
-After every forward the router keeps two things for the training loop and reports:
+After every forward the router keeps three things for the training loop and reports, each
+computed when first read (serving reads only ``last_gates``, so it pays for nothing else):
 
 ``aux_loss``    Switch-Transformer load balance, ``n * sum_i f_i * P_i``, where ``f_i`` is
                 the share of token slots dispatched to expert i (top-1, or top-k when set)
@@ -13,7 +14,6 @@ After every forward the router keeps two things for the training loop and report
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,9 +25,8 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_routed, dtype=dtype, device=device)) if bias else None
         self.top_k = top_k
         self.temperature = temperature
-        self.aux_loss: torch.Tensor | None = None
-        self.mean_gates: torch.Tensor | None = None
-        self.last_gates: torch.Tensor | None = None
+        self._last: tuple | None = None  # (probs, gates, chosen) of the last forward
+        self._stats: dict = {}
 
     @property
     def n_routed(self) -> int:
@@ -35,27 +34,51 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d_in]`` -> gates ``[..., n_routed]`` summing to 1 over the last axis."""
-        logits = F.linear(x, self.weight, self.bias) / self.temperature
+        return self.gate(x @ self.weight.T)
+
+    def gate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Gates from ``W_R x`` computed elsewhere (an expert layer reads it in the same matmul as its
+        A matrices): adds the bias, divides by tau, applies softmax and top-k, records the statistics."""
+        logits = scores if self.bias is None else scores + self.bias
+        logits = logits if self.temperature == 1 else logits / self.temperature
         probs = logits.softmax(dim=-1)
-        k = self.top_k or self.n_routed
-        if k < self.n_routed:
-            chosen = logits.topk(k, dim=-1).indices
+        chosen = None  # dense: top-1 for the load balance, found when it is read
+        if (self.top_k or self.n_routed) < self.n_routed:
+            chosen = logits.topk(self.top_k, dim=-1).indices
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
             gates = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
         else:
-            chosen = logits.argmax(dim=-1, keepdim=True)
             gates = probs
         self._record(probs, gates, chosen)
         return gates
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> None:
-        k = chosen.shape[-1]
-        flat_probs = probs.reshape(-1, self.n_routed)
-        dispatch = torch.zeros_like(flat_probs).scatter_(-1, chosen.reshape(-1, k), 1.0)
-        share = dispatch.mean(dim=0) / k
-        self.aux_loss = self.n_routed * (share * flat_probs.mean(dim=0)).sum()
-        self.mean_gates = gates.detach().reshape(-1, self.n_routed).float().mean(dim=0)
-        self.last_gates = gates.detach()[:, -1].float() if gates.dim() == 3 else None
+        self._last, self._stats = (probs, gates, chosen), {}
+
+    def _stat(self, name: str, compute):
+        if self._last is None:
+            return None
+        if name not in self._stats:
+            self._stats[name] = compute(*self._last)
+        return self._stats[name]
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        def switch(probs, gates, chosen):
+            chosen = probs.detach().argmax(dim=-1, keepdim=True) if chosen is None else chosen
+            k = chosen.shape[-1]
+            flat_probs = probs.reshape(-1, self.n_routed)
+            dispatch = torch.zeros_like(flat_probs).scatter_(-1, chosen.reshape(-1, k), 1.0)
+            return self.n_routed * (dispatch.mean(dim=0) / k * flat_probs.mean(dim=0)).sum()
+        return self._stat("aux_loss", switch)
+
+    @property
+    def mean_gates(self) -> torch.Tensor | None:
+        return self._stat("mean_gates", lambda p, gates, c: gates.detach().reshape(-1, self.n_routed).float().mean(0))
+
+    @property
+    def last_gates(self) -> torch.Tensor | None:
+        return self._stat("last_gates", lambda p, gates, c: gates.detach()[:, -1].float() if gates.dim() == 3 else None)
 
     def extra_repr(self) -> str:
         return f"n_routed={self.n_routed}, top_k={self.top_k}, temperature={self.temperature}"

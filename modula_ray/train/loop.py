@@ -131,6 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, tokenizer = build_model(task.base_model, task.method, task.domains, task.experts, load=task.load,
                                    stage=task.stage, dtype=task.dtype)
     model.to(device).train()
+    if hp.get("compile"):  # outputs equal eager's (tests/unit/test_layers.py); PERFORMANCE.md has the cost
+        model.forward = torch.compile(model.forward)
 
     examples, stats = encode_rows(_read_rows(ray.train.get_dataset_shard("train")), tokenizer, task.max_length)
     if rank == 0 and (stats.truncated or stats.dropped):

@@ -196,3 +196,70 @@ def test_set_stage_experts_needs_one_domain():
         layer.set_stage("experts")
     with pytest.raises(ValueError, match="stage"):
         make_layer("molora").set_stage("universal")
+
+
+@pytest.mark.parametrize("method", ["modula_flan", "modula_res"])
+def test_dropout_path_follows_the_equations_with_the_same_masks(method):
+    """With dropout on, A* and the A_i read dropped-out inputs (res: dropout(h), so h is formed);
+    the router reads x. Same seed, same masks: the equations written out give the same y."""
+    layer = make_layer(method, dropout=0.5).train()
+    layer.set_stage("joint")
+    x = torch.randn(2, 5, D_IN)
+    torch.manual_seed(7)
+    y = layer(x)
+    P = dict(layer.named_parameters())
+    su, sd = 32 / 16, 16 / 8
+    g = torch.softmax(x @ P["router.weight"].T + P["router.bias"], -1) if "router.bias" in P else \
+        torch.softmax(x @ P["router.weight"].T, -1)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.5, training=True)
+    expected = x @ P["base.weight"].T + P["base.bias"]
+    if method == "modula_res":
+        h = su * xd @ P["universal.A"].T @ P["universal.B"].T
+        hd = F.dropout(h, 0.5, training=True)
+        expected = expected + h
+        for i in range(N):
+            expected = expected + g[..., i:i + 1] * sd * F.leaky_relu(hd @ P["domain.A"][i].T, 0.01) @ P["domain.B"][i].T
+    else:
+        expected = expected + g[..., :1] * su * xd @ P["universal.A"].T @ P["universal.B"].T
+        for i in range(N):
+            expected = expected + g[..., i + 1:i + 2] * sd * xd @ P["domain.A"][i].T @ P["domain.B"][i].T
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    layer.eval()  # dropout off: the fused path, equal to the per-expert loop
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "modula_flan", "modula_res"])
+def test_torch_compile_equals_eager_outputs_and_gradients(method):
+    """``stages.<stage>.compile: true`` runs the same maths: compiled output and gradients equal eager's."""
+    eager, fast = make_layer(method, seed=3), make_layer(method, seed=3)
+    compiled = torch.compile(fast)
+    x = torch.randn(2, 6, D_IN)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(y_eager)
+    (y_eager * weights).sum().backward()
+    (y_compiled * weights).sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    assert assert_same_gradients(fast.named_parameters(), eager.named_parameters()) > 0
+
+
+@pytest.mark.parametrize("method", ["molora", "modula_flan", "modula_res"])
+def test_weights_joined_without_autograd_follow_every_parameter_change(method):
+    """Serving keeps the joined weights between forwards; an update, a load or a stage change is seen."""
+    layer = make_layer(method).eval()
+    x = torch.randn(2, 3, D_IN)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # from the kept weights
+        for name in ("domain.B", "domain.A", "router.weight"):
+            dict(layer.named_parameters())[name].add_(0.5)  # in place, as AdamW and load_state_dict do
+            torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+        if method == "modula_res":
+            layer.universal.B.mul_(2.0)
+            torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+        if method != "molora":  # another stage joins other weights
+            layer.set_stage("universal")
+        torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(layer(x), first)

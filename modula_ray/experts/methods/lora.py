@@ -17,8 +17,8 @@ class LoRALinear(ExpertLinear):
     inference_stage = "universal"
     peft_parts = ("universal",)
 
-    def delta(self, x):
-        return self.universal_scale * self.universal(self.dropout(x))
+    def rank_code(self, x):
+        return self.universal_code(x)
 
     def reference(self, x):
         t = Terms(self)

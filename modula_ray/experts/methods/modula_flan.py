@@ -5,6 +5,8 @@ n + 1 experts; router index 0 is the universal expert. In stage ``experts`` the 
 expert is inactive (paper eq. 4): ``y = W0 x + s B_1 A_1 x``. Three stages; adding a domain
 trains one expert and the router.
 """
+import torch
+
 from ..layer import METHODS, ExpertLinear
 from ..reference import Terms
 
@@ -22,16 +24,15 @@ class ModulaFlanLinear(ExpertLinear):
     def active_parts(self):
         return ("domain",) if self.stage == "experts" else super().active_parts()
 
-    def delta(self, x):
-        xd = self.dropout(x)
+    def rank_code(self, x):
         if self.stage == "universal":
-            return self.universal_scale * self.universal(xd)
-        z = self.domain.down(xd)
-        if not self.mixing:
-            return self.mix_domains(z, self.routed_gates(x))
-        gates = self.routed_gates(x)
-        universal = self.universal(xd) * (self.universal_scale * gates[..., :1])
-        return universal + self.mix_domains(z, gates[..., 1:])
+            return self.universal_code(x)
+        if not self.mixing:  # stage experts: the domain expert alone
+            (z,), _ = self.read(x, self.domain.flat_A)
+            return self.gate_ranks(z, None), self.fused("up", lambda: self.domain.flat_B)
+        (u, z), gates = self.read(x, self.universal.A, self.domain.flat_A)
+        code = torch.cat([u * (self.universal_scale * gates[..., :1]), self.gate_ranks(z, gates[..., 1:])], dim=-1)
+        return code, self.fused("up", lambda: torch.cat([self.universal.B, self.domain.flat_B], dim=1))
 
     def reference(self, x):
         t = Terms(self)

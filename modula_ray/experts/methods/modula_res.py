@@ -5,6 +5,7 @@
 ``A_i`` is ``[r_d, d_out]`` because it reads ``h``. LeakyReLU slope is 0.01. Three stages;
 adding a domain trains one expert and the router.
 """
+import torch
 import torch.nn.functional as F
 
 from ..layer import METHODS, ExpertLinear
@@ -23,12 +24,17 @@ class ModulaResLinear(ExpertLinear):
     domain_reads = "h"
     peft_parts = ("universal",)  # domain experts read h through a LeakyReLU: not LoRA-shaped
 
-    def delta(self, x):
-        h = self.universal_scale * self.universal(self.dropout(x))
+    def rank_code(self, x):
+        (u,), gates = self.read(x, self.universal.A)
+        u = u * self.universal_scale
         if self.stage == "universal":
-            return h
-        z = F.leaky_relu(self.domain.down(self.dropout(h)), NEGATIVE_SLOPE)
-        return h + self.mix_domains(z, self.routed_gates(x))
+            return u, self.universal.B
+        if self.dropping:  # A_i reads dropout(h), so h = B* u [T, d_out] is formed
+            z = self.dropout(u @ self.universal.B.T) @ self.domain.flat_A.T
+        else:  # A_i h = (A_i B*) u: a [n r, r*] product instead of h
+            z = u @ self.fused("refine", lambda: self.domain.flat_A @ self.universal.B).T
+        code = torch.cat([u, self.gate_ranks(F.leaky_relu(z, NEGATIVE_SLOPE), gates)], dim=-1)
+        return code, self.fused("up", lambda: torch.cat([self.universal.B, self.domain.flat_B], dim=1))
 
     def reference(self, x):
         t = Terms(self)

@@ -16,8 +16,9 @@ class MoLoRALinear(ExpertLinear):
     add_domain_plan = ("joint",)
     peft_parts = ("domain",)
 
-    def delta(self, x):
-        return self.mix_domains(self.domain.down(self.dropout(x)), self.routed_gates(x))
+    def rank_code(self, x):
+        (z,), gates = self.read(x, self.domain.flat_A)
+        return self.gate_ranks(z, gates), self.fused("up", lambda: self.domain.flat_B)
 
     def reference(self, x):
         t = Terms(self)
