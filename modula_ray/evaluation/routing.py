@@ -75,9 +75,8 @@ def captured_gates(model):
     from ..experts.inject import routers
 
     captured: dict[str, list] = {}
-    hooks = [router.register_forward_hook(
-        lambda module, args, gates, path=path: captured.setdefault(path, []).append(gates.detach()))
-        for path, router in routers(model).items()]
+    hooks = [router.watch(lambda gates, path=path: captured.setdefault(path, []).append(gates))
+             for path, router in routers(model).items()]
     try:
         yield captured
     finally:

@@ -13,8 +13,11 @@ computed when first read (serving reads only ``last_gates``, so it pays for noth
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 class Router(nn.Module):
@@ -27,6 +30,7 @@ class Router(nn.Module):
         self.temperature = temperature
         self._last: tuple | None = None  # (probs, gates, chosen) of the last forward
         self._stats: dict = {}
+        self._watchers: OrderedDict[int, object] = OrderedDict()  # RemovableHandle needs a weakref-able dict
 
     @property
     def n_routed(self) -> int:
@@ -54,6 +58,15 @@ class Router(nn.Module):
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> None:
         self._last, self._stats = (probs, gates, chosen), {}
+        for watcher in self._watchers.values():
+            watcher(gates.detach())
+
+    def watch(self, fn) -> RemovableHandle:
+        """Call ``fn(gates)`` with the (detached) gates of every routing, however they were computed:
+        a forward hook would miss the layers that call ``gate`` on scores read with their A matrices."""
+        handle = RemovableHandle(self._watchers)
+        self._watchers[handle.id] = fn
+        return handle
 
     def _stat(self, name: str, compute):
         if self._last is None:

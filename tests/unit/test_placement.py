@@ -90,6 +90,38 @@ def test_one_router_per_block_read_by_all_seven_layers(tiny, method):
         assert all(g is gates[0] for g in gates)  # one computation, shared
 
 
+@pytest.mark.parametrize("placement", ["layer", "block"])
+@pytest.mark.parametrize("method", ROUTED_METHODS)
+def test_captured_gates_are_the_gates_each_router_computed(tiny, method, placement):
+    """Expert layers read ``W_R x`` in the same matmul as their A matrices and call ``Router.gate``:
+    the evaluation's capture must see those gates (a forward hook on the router saw none)."""
+    from modula_ray.evaluation.routing import captured_gates, own_expert_hits
+
+    model = _injected(tiny, method, placement)
+    set_stage(model, "joint")
+    inputs = {}
+    watched = routers(model)
+    hosts = expert_layers(model) if placement == "layer" else {p.rsplit(".", 1)[0]: r for p, r in watched.items()}
+    for path in hosts:  # the tokens each router saw: the layer's input, or the block's normed input
+        module = model.get_submodule(path) if placement == "layer" else model.get_submodule(path).input_layernorm
+        hook = (lambda m, a, key=path: inputs.__setitem__(key, a[0])) if placement == "layer" else \
+            (lambda m, a, o, key=path: inputs.__setitem__(key, o))
+        (module.register_forward_pre_hook if placement == "layer" else module.register_forward_hook)(hook)
+    with torch.no_grad(), captured_gates(model) as captured:
+        model(ids(tiny[1]))
+    assert sorted(captured) == sorted(watched) and len(watched) == (14 if placement == "layer" else 2)
+    with torch.no_grad():
+        for path, router in watched.items():
+            (gates,) = captured[path]  # once per forward
+            host = path.rsplit(".", 1)[0]
+            expected = torch.softmax(inputs[host] @ router.weight.T, dim=-1)
+            torch.testing.assert_close(gates, expected, atol=1e-6, rtol=1e-5)
+    hits, pairs = own_expert_hits(captured, 0)
+    assert pairs == len(watched) * ids(tiny[1]).numel() and 0 <= hits <= pairs
+    model(ids(tiny[1]))
+    assert all(not calls[1:] for calls in captured.values())  # nothing captured after the block
+
+
 def test_block_gates_equal_a_per_layer_router_on_the_attention_input(tiny):
     """q, k and v read the block's normed input, so their per-layer router with the block router's
     weights gives the same outputs; o/gate/up/down differ (they read other inputs)."""
