@@ -8,9 +8,10 @@ The LoRA methods (``lora``, ``molora``, ``modula_flan``, ``modula_res``) subclas
 ``domain_reads``      what a domain expert reads: ``x`` (d_in) or ``h`` (d_out, res)
 ``part_tensors``      which tensors a saved part holds (domain tensors have the expert axis first)
 
-The forward is the same for all of them, ``y = addmm(W0 x + b0, c(x), up^T)``: the A matrices (and
-the layer's router) are concatenated so one matmul reads x, gates and scales apply to the few rank
-columns, one matmul goes up, and the sum with the frozen path happens inside that matmul. The cost is
+The forward is the same for all of them, ``y = (W0 x + b0).addmm_(c(x), up^T)``: the A matrices (and
+the layer's router) are concatenated so one matmul reads x, gates and scales reach the few rank
+columns as one multiply (``gate_ranks``), one matmul goes up, and it adds into the frozen path's
+output in place. The cost is
 one LoRA of rank R (lora 16; molora 4 x 8; flan and res 16 + 4 x 8) plus a router; measured against
 peft in docs/PERFORMANCE.md.
 
@@ -97,6 +98,7 @@ class ExpertLinear(ExpertModule):
                        if "router" in self.parts and router_placement == "layer" else None)
         self.__dict__["shared_router"] = None  # placement 'block': the block's router (placement.py)
         self._fused: dict = {}                  # see fused()
+        self._expansions: dict = {}             # see gate_ranks()
         self.set_stage("joint")
 
     # -- the contract: subclasses ----------------------------------------------------
@@ -180,16 +182,21 @@ class ExpertLinear(ExpertModule):
             return self.router(x)
         return self.shared_router.current(x, self.method)
 
-    def read(self, x: torch.Tensor, *mats: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """``[x M^T for M in mats]`` and the gates (``None`` outside the mixture) from one matmul that
-        reads x once: the A matrices and the layer's router weight concatenated. With dropout on, the A
+    def read(self, x: torch.Tensor, *mats: torch.Tensor, joined: bool = False
+             ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``[x M^T for M in mats]`` (``joined``: as one piece, the columns side by side) and the gates
+        (``None`` outside the mixture) from one matmul that reads x once: the A matrices and the
+        layer's router weight concatenated. With dropout on, the A
         matrices read dropout(x) and the router, which reads x, has a matmul of its own."""
         fuse_router = self.mixing and self.router is not None and not self.dropping
         if fuse_router:
             mats = (*mats, self.router.weight)
         down = self.fused(("down", len(mats)), lambda: torch.cat(mats)) if len(mats) > 1 else mats[0]
         out = self.dropout(x) @ down.T
-        pieces = list(out.split([m.shape[0] for m in mats], dim=-1))
+        widths = [m.shape[0] for m in mats]
+        if joined:
+            widths = [sum(widths[:-1]), widths[-1]] if fuse_router else [sum(widths)]
+        pieces = list(out.split(widths, dim=-1))
         if fuse_router:
             return pieces, self.router.gate(pieces.pop())
         return pieces, self.routed_gates(x) if self.mixing else None
@@ -210,17 +217,30 @@ class ExpertLinear(ExpertModule):
         (u,), _ = self.read(x, self.universal.A)
         return u * self.universal_scale, self.universal.B
 
-    def gate_ranks(self, z: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """``s_d g_i z_i`` over the domain ranks ``z [..., n r]`` (expert i at ``i r : (i+1) r``); gates
-        ``[..., n]``, or ``None`` for one expert alone (stage experts)."""
+    def gate_ranks(self, z: torch.Tensor, gates: torch.Tensor | None, universal: bool = False) -> torch.Tensor:
+        """``s_j g_j z_j`` over the rank columns ``z [..., R]`` of the routed experts (expert j's ranks
+        adjacent, the universal expert's first when ``universal``), or ``s_d z`` for one domain expert
+        alone (``gates`` None). The gates reach the rank columns through one tiny matmul ``gates @ E``,
+        where ``E [n_routed, R]`` holds each expert's scale on its columns: one multiply on ``z``."""
         if gates is None:
             return z * self.domain_scale
-        return (z.unflatten(-1, (gates.shape[-1], -1)) * (self.domain_scale * gates).unsqueeze(-1)).flatten(-2)
+        key = (gates.shape[-1], universal, gates.dtype, gates.device)
+        if key not in self._expansions:
+            n = gates.shape[-1] - universal
+            blocks = ([torch.full((1, self.universal.rank), self.universal_scale)] if universal else []) + \
+                [torch.full((1, self.domain.rank), self.domain_scale)] * n
+            self._expansions[key] = torch.block_diag(*blocks).to(gates.dtype).to(gates.device)
+        return z * (gates @ self._expansions[key])
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``y - (W0 x + b0)``: what the experts add (DESIGN §3), from the rank code."""
+        code, up = self.rank_code(x)
+        return code @ up.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         code, up = self.rank_code(x)
-        tokens = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(F.linear(tokens, self.base.weight, self.base.bias), code.reshape(-1, code.shape[-1]), up.T)
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias)
+        y = y.addmm_(code.reshape(-1, code.shape[-1]), up.T)  # in place: torch.addmm would copy W0 x first
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:

@@ -112,6 +112,8 @@ def test_stacked_equals_loop_reference_outputs_and_gradients(method, top_k):
         x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
         y_fast, y_slow = fast(x_fast), reference_forward(slow, x_slow)
         torch.testing.assert_close(y_fast, y_slow, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # delta, the experts' part alone, is the same maths
+            torch.testing.assert_close(fast.base(x) + fast.delta(x), y_slow, rtol=1e-5, atol=1e-5)
         weights = torch.randn_like(y_fast)
         (y_fast * weights).sum().backward()
         (y_slow * weights).sum().backward()
@@ -263,3 +265,4 @@ def test_weights_joined_without_autograd_follow_every_parameter_change(method):
             layer.set_stage("universal")
         torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
     assert not torch.equal(layer(x), first)
+

@@ -30,8 +30,8 @@ class ModulaFlanLinear(ExpertLinear):
         if not self.mixing:  # stage experts: the domain expert alone
             (z,), _ = self.read(x, self.domain.flat_A)
             return self.gate_ranks(z, None), self.fused("up", lambda: self.domain.flat_B)
-        (u, z), gates = self.read(x, self.universal.A, self.domain.flat_A)
-        code = torch.cat([u * (self.universal_scale * gates[..., :1]), self.gate_ranks(z, gates[..., 1:])], dim=-1)
+        (ranks,), gates = self.read(x, self.universal.A, self.domain.flat_A, joined=True)
+        code = self.gate_ranks(ranks, gates, universal=True)
         return code, self.fused("up", lambda: torch.cat([self.universal.B, self.domain.flat_B], dim=1))
 
     def reference(self, x):
