@@ -244,20 +244,24 @@ def bench_shape(shape, seq, batch_size, methods, args, peak):
                         "trainable_params": n_train, "forward_params": n,
                         "samples_ms": [round(s * 1e3, 2) for s in samples[method]],
                         "mfu": round(flops / step / peak, 4)}
-    if args.inference:
-        for method, (model, _) in models.items():
-            if method in errors:
-                continue
-            model.eval()
-            timings = [prefill_and_decode(model, batch, autocast, args.decode_steps)
-                       for _ in range(args.warmup + args.repeats)]
-            prefill, decode = (statistics.median(t[i] for t in timings[args.warmup:]) for i in (0, 1))
-            rows[f"{method}/prefill"] = {"method": method, "phase": "prefill", "shape": shape, "seq": seq,
-                                         "batch": batch_size, "step_ms": round(prefill * 1e3, 2),
-                                         "tokens_per_s": round(tokens / prefill, 1)}
-            rows[f"{method}/decode"] = {"method": method, "phase": "decode", "shape": shape, "seq": seq,
-                                        "batch": batch_size, "step_ms": round(decode * 1e3, 2),
-                                        "tokens_per_s": round(batch_size / decode, 1)}
+    if args.inference:  # interleaved like the training rounds: every round runs each model once
+        live = [m for m in models if m not in errors]
+        timings = {m: [] for m in live}
+        for method in live:
+            models[method][0].eval()
+        for round_ in range(args.warmup + args.repeats):
+            for method in live[round_ % len(live):] + live[:round_ % len(live)]:
+                timing = prefill_and_decode(models[method][0], batch, autocast, args.decode_steps)
+                if round_ >= args.warmup:
+                    timings[method].append(timing)
+        for method, samples in timings.items():
+            for phase, index, count in (("prefill", 0, tokens), ("decode", 1, batch_size)):
+                seconds = [t[index] for t in samples]
+                step = statistics.median(seconds)
+                rows[f"{method}/{phase}"] = {"method": method, "phase": phase, "shape": shape, "seq": seq,
+                                             "batch": batch_size, "step_ms": round(step * 1e3, 2),
+                                             "tokens_per_s": round(count / step, 1),
+                                             "samples_ms": [round(t * 1e3, 2) for t in seconds]}
     for key, row in rows.items():
         phase = row["phase"]
         for name, other in (("peft_lora", rows.get("peft_lora" if phase == "train" else f"peft_lora/{phase}")),
@@ -311,7 +315,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration (peft too)")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: re-run with glibc keeping freed memory (stable CPU timings); default: as is")
-    parser.add_argument("--decode-steps", type=int, default=8, help="greedy steps timed after each prefill")
+    parser.add_argument("--decode-steps", type=int, default=16, help="greedy steps timed after each prefill")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="time the training step (--no-train: inference only)")
     parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=None,

@@ -110,7 +110,7 @@ def res_code(l, x, gates_matmul=False):
 def flan_code(l, x, gates_matmul=False):
     if gates_matmul:
         (ranks,), gates = read(l, x, torch.cat([l.universal.A, l.domain.flat_A]))
-        code = l.gate_ranks(ranks, gates, universal=True)
+        code = l.gate_ranks(ranks, gates)
     else:
         (u, z), gates = read(l, x, l.universal.A, l.domain.flat_A)
         code = torch.cat([u * (l.universal_scale * gates[..., :1]), gate_ranks(l, z, gates[..., 1:])], dim=-1)
@@ -196,7 +196,7 @@ def frozen_and_read(l, x):
     *ranks, logits = scores.split([sum(m.shape[0] for m in mats[:-1]), mats[-1].shape[0]], dim=-1)
     gates = l.router.gate(logits)
     if l.method == "modula_flan":
-        code = l.gate_ranks(ranks[0], gates, universal=True)
+        code = l.gate_ranks(ranks[0], gates)
     else:
         u = ranks[0] * l.universal_scale
         z = F.leaky_relu(u @ (l.domain.flat_A @ l.universal.B).T, NEGATIVE_SLOPE)

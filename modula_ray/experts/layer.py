@@ -97,8 +97,12 @@ class ExpertLinear(ExpertModule):
         self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
                        if "router" in self.parts and router_placement == "layer" else None)
         self.__dict__["shared_router"] = None  # placement 'block': the block's router (placement.py)
+        if "router" in self.parts:  # see gate_ranks(); a buffer, so torch.compile sees a fixed tensor
+            scales = ([(universal_rank, self.universal_scale)] if "universal" in self.fixed_routed else []) + \
+                [(domain_rank, self.domain_scale)] * n_domains
+            self.register_buffer("gate_expansion", torch.block_diag(*[torch.full((1, r), s) for r, s in scales]).to(
+                **kw), persistent=False)
         self._fused: dict = {}                  # see fused()
-        self._expansions: dict = {}             # see gate_ranks()
         self.set_stage("joint")
 
     # -- the contract: subclasses ----------------------------------------------------
@@ -217,20 +221,14 @@ class ExpertLinear(ExpertModule):
         (u,), _ = self.read(x, self.universal.A)
         return u * self.universal_scale, self.universal.B
 
-    def gate_ranks(self, z: torch.Tensor, gates: torch.Tensor | None, universal: bool = False) -> torch.Tensor:
+    def gate_ranks(self, z: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """``s_j g_j z_j`` over the rank columns ``z [..., R]`` of the routed experts (expert j's ranks
-        adjacent, the universal expert's first when ``universal``), or ``s_d z`` for one domain expert
-        alone (``gates`` None). The gates reach the rank columns through one tiny matmul ``gates @ E``,
-        where ``E [n_routed, R]`` holds each expert's scale on its columns: one multiply on ``z``."""
+        adjacent, in router order), or ``s_d z`` for one domain expert alone (``gates`` None). The gates
+        reach the rank columns through one tiny matmul ``gates @ E``, where ``E [n_routed, R]``
+        (``gate_expansion``) holds each expert's scale on its columns: one multiply on ``z``."""
         if gates is None:
             return z * self.domain_scale
-        key = (gates.shape[-1], universal, gates.dtype, gates.device)
-        if key not in self._expansions:
-            n = gates.shape[-1] - universal
-            blocks = ([torch.full((1, self.universal.rank), self.universal_scale)] if universal else []) + \
-                [torch.full((1, self.domain.rank), self.domain_scale)] * n
-            self._expansions[key] = torch.block_diag(*blocks).to(gates.dtype).to(gates.device)
-        return z * (gates @ self._expansions[key])
+        return z * (gates @ self.gate_expansion.to(gates.dtype))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``y - (W0 x + b0)``: what the experts add (DESIGN §3), from the rank code."""

@@ -51,6 +51,10 @@ def test_bench_layers_tiny_shape_reports_every_configuration(tmp_path, capsys):
         rows = {r["method"]: r for r in result["rows"] if r["phase"] == phase}
         assert set(rows) == set(bench.METHODS)
         assert rows["peft_lora"]["ratio_vs_peft_lora"] == 1.0 and rows["base"]["ratio_vs_base"] == 1.0
+        for row in rows.values():  # interleaved rounds too, so the same pairing
+            assert len(row["samples_ms"]) == 3 and row["step_ms"] in row["samples_ms"]
+            paired = statistics.median(a / b for a, b in zip(row["samples_ms"], rows["base"]["samples_ms"]))
+            assert row["ratio_vs_base"] == pytest.approx(paired, abs=2e-3)
     assert result["machine"]["device"] == "cpu" and result["machine"]["malloc"] == "default"
     assert result["machine"]["adamw"] == "fused"
 

@@ -245,6 +245,12 @@ def test_torch_compile_equals_eager_outputs_and_gradients(method):
     (y_compiled * weights).sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
     assert assert_same_gradients(fast.named_parameters(), eager.named_parameters()) > 0
+    with torch.no_grad():  # an optimizer step: the next training step reuses the compiled graph
+        for p in fast.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x_compiled).sum().backward()
 
 
 @pytest.mark.parametrize("method", ["molora", "modula_flan", "modula_res"])

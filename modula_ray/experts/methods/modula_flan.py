@@ -31,7 +31,7 @@ class ModulaFlanLinear(ExpertLinear):
             (z,), _ = self.read(x, self.domain.flat_A)
             return self.gate_ranks(z, None), self.fused("up", lambda: self.domain.flat_B)
         (ranks,), gates = self.read(x, self.universal.A, self.domain.flat_A, joined=True)
-        code = self.gate_ranks(ranks, gates, universal=True)
+        code = self.gate_ranks(ranks, gates)
         return code, self.fused("up", lambda: torch.cat([self.universal.B, self.domain.flat_B], dim=1))
 
     def reference(self, x):
