@@ -28,7 +28,7 @@ from modula_ray.experts import wrap_linear  # noqa: E402
 from modula_ray.experts.methods.modula_res import NEGATIVE_SLOPE  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layers import keep_freed_memory  # noqa: E402
+from bench_layers import _commit, keep_freed_memory  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 
@@ -187,8 +187,9 @@ class FrozenAndRead(torch.autograd.Function):
         return dx, None, None, ddown
 
 def frozen_and_read(l, x):
-    """shipped, with W0 x and the read from one autograd node whose backward forms dx in one buffer
-    (measured, not kept: it did not pay)."""
+    """shipped + W0 x and the read as one autograd node that forms dx in one buffer (not kept).
+
+    Measured against ``shipped`` in docs/PERFORMANCE.md: it did not pay."""
     mats = (l.universal.A, l.domain.flat_A, l.router.weight) if l.method == "modula_flan" else \
         (l.universal.A, l.router.weight)
     tokens = x.reshape(-1, x.shape[-1])
@@ -276,7 +277,7 @@ def main(argv=None) -> None:
         for variant in chain:
             doc = (variant.__doc__ or "").strip().splitlines()[0]
             next(r for r in rows if r["variant"] == f"{method}/{variant.__name__}")["technique"] = doc
-    result = {"benchmark": "layer_techniques", "command": " ".join(["python", "benchmarks/layer_techniques.py"]
+    result = {"benchmark": "layer_techniques", "commit": _commit(), "command": " ".join(["python", "benchmarks/layer_techniques.py"]
                                                                    + sys.argv[1:]),
               "tokens": args.tokens, "malloc": args.malloc, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "rows": rows}
