@@ -11,9 +11,8 @@ The LoRA methods (``lora``, ``molora``, ``modula_flan``, ``modula_res``) subclas
 The forward is the same for all of them, ``y = (W0 x + b0).addmm_(c(x), up^T)``: the A matrices (and
 the layer's router) are concatenated so one matmul reads x, gates and scales reach the few rank
 columns as one multiply (``gate_ranks``), one matmul goes up, and it adds into the frozen path's
-output in place. The cost is
-one LoRA of rank R (lora 16; molora 4 x 8; flan and res 16 + 4 x 8) plus a router; measured against
-peft in docs/PERFORMANCE.md.
+output in place. The cost is one LoRA of rank R (lora 16; molora 4 x 8; flan and res 16 + 4 x 8)
+plus a router; measured against peft in docs/PERFORMANCE.md.
 
 The stage decides which parts take part in the forward and which train (DESIGN §1):
 
@@ -190,8 +189,8 @@ class ExpertLinear(ExpertModule):
              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """``[x M^T for M in mats]`` (``joined``: as one piece, the columns side by side) and the gates
         (``None`` outside the mixture) from one matmul that reads x once: the A matrices and the
-        layer's router weight concatenated. With dropout on, the A
-        matrices read dropout(x) and the router, which reads x, has a matmul of its own."""
+        layer's router weight concatenated. With dropout on, the A matrices read dropout(x) and the
+        router, which reads x, has a matmul of its own."""
         fuse_router = self.mixing and self.router is not None and not self.dropping
         if fuse_router:
             mats = (*mats, self.router.weight)

@@ -271,4 +271,3 @@ def test_weights_joined_without_autograd_follow_every_parameter_change(method):
             layer.set_stage("universal")
         torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
     assert not torch.equal(layer(x), first)
-
