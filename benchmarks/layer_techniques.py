@@ -61,9 +61,8 @@ def flan_one_read(l, x):
 
 def flan_one_up(l, x):
     """+ g_0 s* applied to the rank columns, and one matmul up through [B*, B_1..B_n]."""
-    (u, z), gates = read(l, x, l.universal.A, l.domain.flat_A)
-    code = torch.cat([u * (l.universal_scale * gates[..., :1]), gate_ranks(l, z, gates[..., 1:])], dim=-1)
-    return l.base(x) + code @ torch.cat([l.universal.B, l.domain.flat_B], dim=1).T
+    code, up = flan_code(l, x)
+    return l.base(x) + code @ up.T
 
 
 # -- modula_res: h = s* B* A* x; y = W0 x + h + sum_i g_i s B_i LeakyReLU(A_i h) --------------------
@@ -92,14 +91,12 @@ def res_no_h(l, x):
 
 def res_one_up(l, x):
     """+ one matmul up through [B*, B_1..B_n]."""
-    (u,), gates = read(l, x, l.universal.A)
-    u = u * l.universal_scale
-    z = F.leaky_relu(u @ (l.domain.flat_A @ l.universal.B).T, NEGATIVE_SLOPE)
-    code = torch.cat([u, gate_ranks(l, z, gates)], dim=-1)
-    return l.base(x) + code @ torch.cat([l.universal.B, l.domain.flat_B], dim=1).T
+    code, up = res_code(l, x)
+    return l.base(x) + code @ up.T
 
 
 def res_code(l, x, gates_matmul=False):
+    """(code, up) of res from one read, the domain gates broadcast or (``gates_matmul``) through E."""
     (u,), gates = read(l, x, l.universal.A)
     u = u * l.universal_scale
     z = F.leaky_relu(u @ (l.domain.flat_A @ l.universal.B).T, NEGATIVE_SLOPE)
@@ -108,6 +105,7 @@ def res_code(l, x, gates_matmul=False):
 
 
 def flan_code(l, x, gates_matmul=False):
+    """(code, up) of flan from one read, the gates broadcast or (``gates_matmul``) through E."""
     if gates_matmul:
         (ranks,), gates = read(l, x, torch.cat([l.universal.A, l.domain.flat_A]))
         code = l.gate_ranks(ranks, gates)
