@@ -8,7 +8,8 @@ import sys
 
 # Each module adds its subcommands with ``add_parser(commands)`` and imports heavy things lazily.
 COMMAND_MODULES = ["modula_ray.data.commands", "modula_ray.train.commands", "modula_ray.evaluation.commands",
-                   "modula_ray.serve.commands", "modula_ray.tune.commands"]
+                   "modula_ray.serve.commands", "modula_ray.tune.commands",
+                   "modula_ray.experiment.commands"]
 
 
 def _cmd_base_model(args) -> int:

@@ -60,6 +60,8 @@ def event_cost(ledger: list[dict], event: str) -> dict:
     if not records:
         raise KeyError(event)
     return {"event": event, "records": len(records),
+            "trainable_params": max(r["trainable_params"] for r in records),
+            "tokens": sum(r["tokens"] for r in records),
             "params_x_tokens": sum(r["trainable_params"] * r["tokens"] for r in records),
             "flops": sum(r["flops"] for r in records),
             "fit_wall_s": max(r["fit_ended_at"] for r in records) - min(r["fit_started_at"] for r in records),

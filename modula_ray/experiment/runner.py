@@ -1,0 +1,153 @@
+"""Run the experiment's parts as concurrent Ray tasks, each once.
+
+A part whose ``DIR/parts/<key>.json`` exists is done and never runs again, so a rerun after a
+crash (or Ctrl-C) picks up where the last one stopped; a part that was cut short runs again
+from the start of that part (a training part resumes its finished stages, as ``train`` does).
+Parts that train only drive Ray Train worker groups, so their task asks for no CPU; the groups
+ask for the stage's resources. Evaluation parts compute in the task and ask for
+``eval.cpus``. At most ``max_parallel`` parts are in flight; a failed part stops its dependents
+and nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ..fileio import atomic_write_json, read_json
+from .parts import KINDS_ON_CPUS, WORK, Part
+
+# Training parts first: they head the longest chains (train -> add -> evaluate), and Ray runs an
+# evaluation beside them on whatever CPU the worker groups leave.
+PRIORITY = {"train": 0, "add": 1, "tune": 2, "base": 3, "eval": 3, "judge": 4}
+TASK_MEMORY = 1536 * 2 ** 20  # bytes, logical: a part's process (SmolLM2, fp32, plus lm-eval)
+
+
+def start_ray(out: Path, num_cpus: float | None) -> None:
+    """Join the cluster (``train.session.connect_ray``), or start an in-process Ray; ``num_cpus``
+    sets its logical CPUs. More than the cores keeps them busy while parts start up (a Ray
+    Train group holds its CPU while it imports and loads the model); per-part seconds then
+    include sharing a core."""
+    import ray
+
+    from ..train.session import connect_ray
+
+    if num_cpus and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, log_to_driver=False)
+        print(f"ray: started an in-process Ray with {num_cpus:g} logical CPUs on {os.cpu_count()} cores", flush=True)
+    connect_ray(out)
+
+
+def marker(out: Path, part: Part) -> Path:
+    return out / "parts" / f"{part.slug}.json"
+
+
+def _execute(part: Part, exp, out: str, config_file: str, threads: int) -> dict:
+    """Inside the Ray task: the part's work, its output in ``DIR/logs/<key>.log``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = Path(out) / "logs" / f"{part.slug}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(log, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        print(f"== {part.key} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        try:
+            result = WORK[part.kind](part, exp, Path(out), config_file)
+        except BaseException:
+            traceback.print_exc()
+            raise
+    import ray
+
+    return {"key": part.key, "kind": part.kind, "run": part.run, "started_at": round(started, 3),
+            "ended_at": round(time.time(), 3), "wall_s": round(time.time() - started, 1),
+            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "result": result}
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) -> dict:
+    """Run every part not yet done; returns ``{"done", "ran" (by this call), "failed" ({key: error}),
+    "skipped"}``."""
+    import ray
+
+    stream = stream or sys.stdout
+    remote = ray.remote(max_retries=0)(_execute)
+    done = {p.key for p in parts if marker(out, p).is_file()}
+    already = set(done)
+    failed: dict[str, str] = {}
+    todo = [p for p in parts if p.key not in done]
+    running: dict = {}
+    first = time.time()
+    print(f"[experiment] {len(done)} of {len(parts)} parts already done; {len(todo)} to run, "
+          f"at most {exp.max_parallel} at once (logs: {out / 'logs'})", file=stream, flush=True)
+    while todo or running:
+        blocked = [p for p in todo if any(n in failed for n in p.needs)]
+        for part in blocked:
+            todo.remove(part)
+            failed.setdefault(part.key, "skipped: a part it needs failed")
+        ready = sorted((p for p in todo if all(n in done for n in p.needs)), key=lambda p: PRIORITY[p.kind])
+        while ready and len(running) < exp.max_parallel:
+            part = ready.pop(0)
+            todo.remove(part)
+            cpus = exp.eval.cpus if part.kind in KINDS_ON_CPUS else 0
+            ref = remote.options(num_cpus=cpus, memory=TASK_MEMORY, name=part.key).remote(
+                part, exp, str(out), str(config_file), max(1, int(round(cpus or 1))))
+            running[ref] = (part, time.time())
+            print(f"[experiment {_clock(time.time() - first)}] start  {part.key}", file=stream, flush=True)
+        if not running:
+            if blocked:  # their dependents are skipped on the next pass
+                continue
+            for part in todo:  # waits on a part that is neither done nor planned
+                failed[part.key] = "skipped: a part it needs is not in the plan"
+            break
+        finished, _ = ray.wait(list(running), num_returns=1)
+        part, started = running.pop(finished[0])
+        try:
+            record = ray.get(finished[0])
+        except Exception as exc:  # the part's traceback is in its log
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            failed[part.key] = message
+            print(f"[experiment {_clock(time.time() - first)}] FAILED {part.key}: {message} "
+                  f"(log: {out / 'logs' / (part.slug + '.log')})", file=stream, flush=True)
+            continue
+        atomic_write_json(marker(out, part), record)
+        done.add(part.key)
+        print(f"[experiment {_clock(time.time() - first)}] done   {part.key} in {_clock(record['wall_s'])} "
+              f"({len(done)}/{len(parts)})", file=stream, flush=True)
+    return {"done": sorted(done), "ran": sorted(done - already), "failed": {k: v for k, v in failed.items() if not v.startswith("skipped")},
+            "skipped": sorted(k for k, v in failed.items() if v.startswith("skipped"))}
+
+
+def part_records(parts: list[Part], out: Path) -> dict[str, dict]:
+    return {p.key: read_json(marker(out, p)) for p in parts if marker(out, p).is_file()}
+
+
+@contextlib.contextmanager
+def judge_endpoint(exp, needed: bool):
+    """The judge for the judge parts: ``MODULA_RAY_JUDGE_URL`` if set, else the base model served
+    on 127.0.0.1:8000 by Ray Serve for as long as the experiment runs."""
+    if not needed or os.environ.get("MODULA_RAY_JUDGE_URL"):
+        yield
+        return
+    from ray import serve
+
+    from ..serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    # The replica reserves a tenth of a CPU: it computes only while judge parts wait on it.
+    serve.run(build_app([], base_models=[exp.eval.judge_model], deployment={"ray_actor_options": {"num_cpus": 0.1}}),
+              name="modula-ray-judge", route_prefix="/")
+    print(f"[experiment] judge: {exp.eval.judge_model} served on http://127.0.0.1:8000/v1", flush=True)
+    try:
+        yield
+    finally:
+        serve.delete("modula-ray-judge")

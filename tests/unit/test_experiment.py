@@ -1,0 +1,158 @@
+"""The experiment's contract without Ray: the token budget, the plan of parts, the files it reads,
+and the report's arithmetic (mean ± std over seeds, the noise rule, the add-domain fraction)."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modula_ray.errors import ConfigError
+from modula_ray.experts import method_class
+from modula_ray.experiment.config import (EvalSettings, ExperimentConfig, check_same_experiment, load_experiment,
+                                          retrain_overrides)
+from modula_ray.experiment.parts import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER = ROOT / "jobs" / "configs" / "paper-smollm2.yaml"
+TOUR = ROOT / "jobs" / "configs" / "demo-tour.yaml"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_every_method_gets_the_same_steps_and_adding_a_domain_costs_what_the_paper_says(n):
+    exp = ExperimentConfig(steps_per_part=8, domains=["math", "code", "medicine", "ecommerce"][:n])
+    for method in exp.methods:
+        steps = exp.budget(method, n)
+        total = sum(steps[stage] * (n if stage == "experts" else 1) for stage in method_class(method).stage_plan)
+        assert total == (n + 2) * 8, (method, steps)
+    assert exp.budget("molora", n) == {"joint": (n + 2) * 8, "router": 8}
+    assert exp.budget("modula_res", n) == {"universal": 8, "experts": 8, "router": 8}
+    assert exp.budget("mode", n) == {"experts": 8, "joint": 16, "router": 8}
+    # adding a domain: lora / molora retrain on n + 1 domains; the others train an expert and the router
+    assert retrain_overrides(exp, "lora") == [f"stages.joint.steps={(n + 3) * 8}"]
+    assert retrain_overrides(exp, "modula_flan") == [] and retrain_overrides(exp, "mode") == []
+
+
+def test_the_plan_orders_each_part_after_what_it_needs():
+    exp = ExperimentConfig(seeds=[0, 1])
+    parts = plan(exp)
+    keys = [p.key for p in parts]
+    assert len(keys) == len(set(keys))
+    for index, part in enumerate(parts):
+        assert all(keys.index(need) < index for need in part.needs), part
+    assert "seed1/modula_res/tune" in keys and "seed1/lora/tune" not in keys
+    assert {p.run for p in parts if p.key.startswith("seed0/mode/")} == {"seed0/mode", "seed0/mode+finance"}
+    assert not any(p.kind == "judge" for p in parts)  # judge_limit 0
+    with_judge = plan(ExperimentConfig(seeds=[0, 1], eval=EvalSettings(judge_limit=2, judge_seeds=[1])))
+    assert sorted(p.key for p in with_judge if p.kind == "judge") == [f"seed1/{m}/judge" for m in sorted(exp.methods)]
+    # per seed: 5 x (train, eval, add, add-eval) + 2 x (tune, tune-eval); plus the base model once
+    assert len(parts) == 1 + 2 * (5 * 4 + 2 * 2)
+
+
+def test_the_shipped_files_load_and_the_tour_extends_the_paper_experiment():
+    paper, tour = load_experiment(PAPER), load_experiment(TOUR)
+    assert paper.methods == ["lora", "molora", "modula_flan", "modula_res", "mode"] and paper.seeds == [0, 1, 2]
+    assert tour.methods == ["molora", "modula_res"] and tour.tune is None and tour.seeds == [0]
+    assert tour.overrides == paper.overrides and tour.steps_per_part == paper.steps_per_part
+    assert tour.eval.limit == paper.eval.limit and tour.eval.suites == paper.eval.suites and tour.eval.judge_limit == 0
+    for path in (PAPER, TOUR):
+        assert path.read_text().startswith("# python jobs/experiment.py paper --config ")
+
+
+@pytest.mark.parametrize("text, field", [
+    ("methods: [lora, molra]", "methods[1]"),
+    ("add_domain: math", "add_domain"),
+    ("tune: {methods: [molora]}", "tune.methods"),
+    ("methods: [lora, molora]\ntune: {methods: [modula_res]}", "tune.methods"),
+    ("eval: {suites: [general]}", "eval.suites"),
+    ("seeds: [0, 0]", "seeds"),
+    ("compare_to: mode\nmethods: [lora]\ntune: null", "compare_to"),
+    ("extends: nowhere.yaml", "extends"),
+    ("steps_per_part: 0", "steps_per_part"),
+])
+def test_a_bad_experiment_file_names_the_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_experiment(path)
+    assert error.value.field == field and str(path) in str(error.value)
+
+
+def test_an_experiment_that_extends_itself_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_experiment(tmp_path / "a.yaml")
+
+
+def test_a_rerun_may_change_the_seeds_but_not_the_experiment():
+    from modula_ray.config import to_dict
+
+    saved = to_dict(ExperimentConfig())
+    check_same_experiment(saved, ExperimentConfig(seeds=[0, 1, 2, 3], max_parallel=1), "DIR")
+    with pytest.raises(ConfigError, match="steps_per_part") as error:
+        check_same_experiment(saved, ExperimentConfig(steps_per_part=4), "DIR/experiment.yaml")
+    assert error.value.field == "steps_per_part"
+
+
+def _run(folder: Path, *, domain: dict, general: float, ledger: list[dict], routing: dict | None = None) -> None:
+    (folder / "eval").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"ledger": ledger}))
+    suites = {"domain": {"composition": domain}, "general": {"composition": {"modula_general": {"acc": general}}}}
+    (folder / "eval" / "results.json").write_text(json.dumps({"suites": suites}))
+    if routing:
+        gates = {key: [0.5, 0.5] for key in ("first", "middle", "last")}
+        layers = {"experts": list(routing), "layers": {"first": 0, "middle": 1, "last": 2},
+                  "domains": {d: {"accuracy": a, **gates} for d, a in routing.items()}}
+        (folder / "eval" / "routing.json").write_text(json.dumps({"layers": layers}))
+
+
+def _record(event, params, tokens, resource_s=10.0):
+    return {"event": event, "stage": "joint", "trainable_params": params, "tokens": tokens, "flops": 6 * params * tokens,
+            "train_started_at": 0.0, "train_ended_at": resource_s, "fit_started_at": 0.0, "fit_ended_at": resource_s + 5,
+            "startup_s": 5.0, "resource_s": resource_s}
+
+
+def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_noise(tmp_path):
+    from modula_ray.experiment.report import write_experiment_report
+
+    exp = ExperimentConfig(methods=["molora", "modula_res"], domains=["math", "medicine"], seeds=[0, 1, 2],
+                           tune=None, compare_to="molora", eval=EvalSettings(limit=8))
+    scores = {"molora": [(0.25, 0.50), (0.25, 0.50), (0.25, 0.50)],   # Avg. 37.5 every seed
+              "modula_res": [(0.50, 0.50), (0.625, 0.625), (0.75, 0.75)]}  # Avg. 50.0, 62.5, 75.0
+    for method, per_seed in scores.items():
+        for seed, (math_score, medicine) in enumerate(per_seed):
+            for suffix, params in (("", 100), ("+finance", 40 if method == "modula_res" else 200)):
+                domain = {"modula_math": {"score": math_score}, "modula_medicine": {"acc_norm": medicine},
+                          "modula_finance": {"acc_norm": 0.5}, "modula_domain_loss": {"nll_per_byte": 1.0 + seed}}
+                ledger = [_record("pipeline", 100, 1000)] + ([_record("add-domain:finance", params, 1000)] if suffix else [])
+                _run(tmp_path / f"seed{seed}" / f"{method}{suffix}", domain=domain, general=0.3, ledger=ledger,
+                     routing={"math": 0.5 + 0.1 * seed, "medicine": 0.4}
+                     if method == "modula_res" else None)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "results.json").write_text(json.dumps({"suites": {
+        "domain": {"modula_math": {"score": 0.0}, "modula_medicine": {"acc_norm": 0.25}, "modula_finance": {"acc_norm": 0.25}},
+        "general": {"modula_general": {"acc": 0.3}}}}))
+    report = write_experiment_report(exp, tmp_path, {}).read_text()
+    assert "| modula_res | 62.5 ± 12.5 | 62.5 ± 12.5 | 62.5 ± 12.5 | 2.000 ± 1.000 |" in report
+    assert "| molora | 25.0 | 50.0 | 37.5 | 2.000 ± 1.000 |" in report
+    assert "| base model alone | 0.0 | 25.0 | 12.5 | — |" in report
+    # modula_res - molora = 25 points; noise: 2 sqrt(se_res^2 + se_molora^2) with se_res = 12.5 / sqrt(3)
+    # (seeds) and se_molora its test items' binomial error over 8 items per task (larger than its seed std 0)
+    results = json.loads((tmp_path / "results.json").read_text())
+    verdict = next(v for v in results["verdicts"] if v.startswith("- modula_res against molora"))
+    assert "higher by 25.0 points" in verdict
+    assert any("molora against the base model: higher" in v for v in results["verdicts"])
+    assert results["costs"]["modula_res"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(0.2)
+    assert "| modula_res | 4.000e+04 |" in report and "| 20.0% |" in report and "| 37.3% |" in report
+    assert "| modula_res | 0.60 ± 0.10 | 0.40 |" in report  # routing accuracy per domain
+    assert "62.5 ± 12.5 → 62.5 ± 12.5" in report  # old-domain Avg. before and after adding finance
+
+
+def test_a_one_point_difference_on_eight_items_is_within_noise():
+    from modula_ray.experiment.report import Noise
+
+    noise = Noise(8, {})
+    se = noise.se(None, {"modula_math": 0.5}, ["modula_math"])
+    assert se == pytest.approx((0.25 / 8) ** 0.5)  # q = (4 + 1) / 10 = 0.5
+    assert Noise.verdict(0.01, se, se).startswith("within noise")
+    assert Noise.verdict(0.9, se, se).startswith("higher by 90.0 points")
