@@ -26,21 +26,25 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	$(PY) -m modula_ray.evaluation.lm_eval_hook   # lm_eval --model modula (see that module)
 	@touch $(STAMP)
 
-# The main job on the embedded default: SmolLM2, 4 domains, stages 1-3 on an in-process Ray,
-# then evaluation as its own step: the routing table, and lm-eval's domain and general suites on
-# the first 8 test items of each task, for the composition and the base model (the paper-style table).
-# A finished run is not retrained; `make demo ARGS=--force` retrains it.
+# The product tour on the embedded default (SmolLM2-135M-Instruct, in-process Ray, 2 CPU cores):
+# modula_res and the molora baseline trained on 4 domains, finance added to both, both and the base
+# model evaluated with lm-eval (first 8 items per task) into runs/demo/report.md; then Ray Serve
+# serves modula_res+finance and the openai client asks it one question per domain. Rerunning skips
+# every finished part (rm -rf runs/demo to start over); ARGS reach the experiment, e.g. ARGS='--set eval.limit=16'.
 demo: install
-	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml --out runs/demo $(ARGS)
-	$(VENV)/bin/modula-ray eval runs/demo --suite routing,domain,general --limit 8
+	$(PY) jobs/experiment.py paper --config jobs/configs/demo-tour.yaml --out runs/demo --num-cpus 3 $(ARGS)
+	$(VENV)/bin/modula-ray chat-tour runs/demo/seed0/modula_res+finance
+	@echo "Report:  runs/demo/report.md   (figures: $$(cd runs/demo && ls *.png | paste -sd' '))"
 	@echo
 	@echo "Next:"
-	@echo "  .venv/bin/tensorboard --logdir runs/demo/tensorboard      # loss, lr, tokens/s per stage"
-	@echo "  .venv/bin/python jobs/add_domain.py finance --run runs/demo # plug in a 5th domain: 1 expert + router"
-	@echo "  .venv/bin/modula-ray cost runs/demo                          # the cost ledger"
-	@echo "  .venv/bin/modula-ray tune router --run runs/demo             # Ray Tune searches the router (ASHA, 8 trials)"
-	@echo "  .venv/bin/modula-ray eval runs/demo --suite judge --limit 8  # judged generation (start a judge: see README)"
-	@echo "  less runs/demo/logs/driver.log                               # Ray's own output (workers: logs/*.rank*.log)"
+	@echo "  .venv/bin/modula-ray tune router --run runs/demo/seed0/modula_res      # Ray Tune searches the router (ASHA)"
+	@echo "  .venv/bin/modula-ray serve runs/demo/seed0/modula_res+finance          # the OpenAI-compatible endpoint on :8000"
+	@echo "  .venv/bin/python jobs/experiment.py paper --config jobs/configs/paper-smollm2.yaml --out runs/paper"
+	@echo "                                    # every method (lora, molora, modula_flan, modula_res, mode), 3 seeds, Tune"
+	@echo "  cluster/local.sh up && eval \"\$$(cluster/local.sh env)\" && .venv/bin/ray job submit --working-dir . -- \\"
+	@echo "      python jobs/experiment.py paper --config jobs/configs/demo-tour.yaml --out \$$PWD/runs/demo-cluster"
+	@echo "  .venv/bin/modula-ray cost runs/demo/seed0/modula_res+finance --against runs/demo/seed0/molora+finance"
+	@echo "  less runs/demo/logs/seed0__modula_res__train.log                       # each part's own output"
 
 test: install
 	$(VENV)/bin/pytest

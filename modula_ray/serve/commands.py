@@ -62,3 +62,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--config", default=None, metavar="SERVE_YAML",
                         help="a Serve config file (see cluster/serve.yaml): replicas, autoscaling, limits")
     parser.set_defaults(func=cmd_serve)
+    from .tour import add_parser as add_tour
+
+    add_tour(commands)
