@@ -42,7 +42,7 @@ demo: install
 	@echo "  .venv/bin/python jobs/experiment.py paper --config jobs/configs/paper-smollm2.yaml --out runs/paper"
 	@echo "                                    # every method (lora, molora, modula_flan, modula_res, mode), 3 seeds, Tune"
 	@echo "  cluster/local.sh up && eval \"\$$(cluster/local.sh env)\" && .venv/bin/ray job submit --working-dir . -- \\"
-	@echo "      python jobs/experiment.py paper --config jobs/configs/demo-tour.yaml --out \$$PWD/runs/demo-cluster"
+	@echo "      python jobs/pipeline.py --config jobs/configs/demo.yaml --out \$$PWD/runs/demo-cluster   # a 2-node Ray cluster here"
 	@echo "  .venv/bin/modula-ray cost runs/demo/seed0/modula_res+finance --against runs/demo/seed0/molora+finance"
 	@echo "  less runs/demo/logs/seed0__modula_res__train.log                       # each part's own output"
 

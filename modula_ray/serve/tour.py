@@ -54,8 +54,8 @@ def cmd_chat_tour(args) -> int:
     questions = domain_questions(args.run)
     name = args.run.rstrip("/").split("/")[-1]
     port = args.port or free_port()
-    for name in ("ray", "ray.serve"):  # Ray's and Serve's INFO lines would bury the answers
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for logger in ("ray", "ray.serve"):  # Ray's and Serve's INFO lines would bury the answers
+        logging.getLogger(logger).setLevel(logging.WARNING)
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)

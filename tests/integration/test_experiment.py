@@ -1,0 +1,134 @@
+"""``modula-ray experiment paper`` end to end on the tiny model: every part as a Ray task, the report
+with its tables and figures, a rerun that recomputes nothing, a failed part that stops only its
+dependents and is picked up by the next rerun; then ``modula-ray chat-tour`` over the result with
+the openai client."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import TINY, digests
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = ROOT / "jobs" / "configs" / "tune-router-paper.yaml"
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_local, tmp_path_factory):
+    """The tiny experiment (molora and modula_res, 1 seed, finance added, 1 tuning trial) and its output."""
+    from modula_ray.cli import main
+
+    folder = tmp_path_factory.mktemp("experiment")
+    config = folder / "tiny-experiment.yaml"
+    config.write_text("# modula-ray experiment paper --config tiny-experiment.yaml --out out\n" + yaml.safe_dump({
+        "pipeline": str(TINY), "methods": ["molora", "modula_res"], "domains": ["math", "code"],
+        "add_domain": "finance", "seeds": [0], "steps_per_part": 2, "max_parallel": 3,
+        "compare_to": "molora", "add_cost_against": "molora",
+        "tune": {"methods": ["modula_res"], "space": str(SPACE), "num_samples": 1, "max_concurrent": 1},
+        "eval": {"limit": 2, "routing_rows": 2, "cpus": 0.5}}))
+    out = folder / "out"
+    code = main(["experiment", "paper", "--config", str(config), "--out", str(out)])
+    return config, out, code
+
+
+def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment):
+    config, out, code = experiment
+    assert code == 0
+    parts = {p.stem for p in (out / "parts").glob("*.json")}
+    assert parts == {"base__eval", *(f"seed0__{m}__{k}" for m in ("molora", "modula_res")
+                                     for k in ("train", "eval", "add", "add-eval")),
+                     "seed0__modula_res__tune", "seed0__modula_res__tune-eval"}
+    report = (out / "report.md").read_text()
+    for heading in ("Table 1: domain tasks", "Table 3: general capability", "Table 4: after adding finance",
+                    "Cost (from each run's ledger", "Routing (Figure 3)", "The router searched with Ray Tune"):
+        assert heading in report
+    for row in ("| base model alone |", "| molora |", "| modula_res |", "| modula_res (tuned router) |",
+                "| molora +finance |", "| modula_res +finance |"):
+        assert row in report
+    for figure in ("domain_avg.png", "domain_avg_added.png", "cost_quality.png", "routing_modula_res.png"):
+        assert (out / figure).stat().st_size > 1000 and f"]({figure})" in report
+    results = json.loads((out / "results.json").read_text())
+    res = results["rows"]["modula_res"]["seeds"]["0"]
+    assert set(res["routing_accuracy"]) == {"math", "code"} and all(0 <= v <= 1 for v in res["routing_accuracy"].values())
+    assert res["avg"] == pytest.approx((res["modula_math"] + res["modula_code"] + res["modula_humaneval"]) / 3)
+
+
+def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(experiment):
+    _, out, _ = experiment
+    ledger = {m: json.loads((out / "seed0" / m / "manifest.json").read_text())["ledger"] for m in ("molora", "modula_res")}
+    # steps: molora joint (2 + 2) x 2 = 8; modula_res universal 2 + experts 2 x 2 + router 2 = 8 (4 records)
+    assert [r["stage"] for r in ledger["molora"]] == ["joint"]
+    assert sorted(r["stage"] for r in ledger["modula_res"]) == ["experts", "experts", "router", "universal"]
+    added = {m: [r for r in json.loads((out / "seed0" / f"{m}+finance" / "manifest.json").read_text())["ledger"]
+                 if r["event"] == "add-domain:finance"] for m in ("molora", "modula_res")}
+    assert [r["stage"] for r in added["molora"]] == ["joint"]            # retrained from scratch
+    assert sorted(r["stage"] for r in added["modula_res"]) == ["experts", "router"]  # one expert + the router
+    fraction = sum(r["trainable_params"] * r["tokens"] for r in added["modula_res"]) / sum(
+        r["trainable_params"] * r["tokens"] for r in added["molora"])
+    costs = json.loads((out / "results.json").read_text())["costs"]
+    assert costs["modula_res"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(fraction)
+    assert costs["molora"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(1.0)
+    assert 0 < fraction < 1
+    # the runs without the added domain are left as they were: the copies took finance
+    assert "finance" not in json.loads((out / "seed0" / "modula_res" / "manifest.json").read_text())["domains"]
+
+
+def test_a_rerun_recomputes_nothing_and_a_failed_part_stops_only_its_dependents(experiment, capsys):
+    from modula_ray.cli import main
+
+    config, out, _ = experiment
+    kept = {name: digests(out / "seed0" / name) for name in ("molora", "modula_res")}
+    markers = {p.name: p.read_bytes() for p in (out / "parts").glob("*.json")}
+    for name in ("seed0__modula_res__add.json", "seed0__modula_res__add-eval.json"):
+        (out / "parts" / name).unlink()
+    finance = out / "data" / "finance"
+    finance.rename(finance.with_name("finance.away"))  # the add-domain part cannot find its data
+    try:
+        assert main(["experiment", "paper", "--config", str(config), "--out", str(out)]) == 1
+    finally:
+        finance.with_name("finance.away").rename(finance)
+    printed = capsys.readouterr()
+    assert "9 of 11 parts already done; 2 to run" in printed.out
+    assert re.search(r"FAILED seed0/modula_res/add: .*finance", printed.out)
+    assert "start  seed0/modula_res/add-eval" not in printed.out
+    assert "1 part(s) failed and 1 were skipped" in printed.err
+    assert main(["experiment", "paper", "--config", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "9 of 11 parts already done; 2 to run" in printed and "done   seed0/modula_res/add-eval" in printed
+    assert {name: digests(out / "seed0" / name) for name in ("molora", "modula_res")}.keys() == kept.keys()
+    for name, digest in kept.items():  # the trained runs were not touched (their eval/ only by evaluation)
+        now = digests(out / "seed0" / name)
+        assert {k: v for k, v in now.items() if not k.startswith(("eval/", "logs/"))} == {
+            k: v for k, v in digest.items() if not k.startswith(("eval/", "logs/"))}
+    assert all((out / "parts" / name).read_bytes() == body for name, body in markers.items()
+               if "modula_res__add" not in name)
+    invocations = json.loads((out / "invocations.json").read_text())
+    assert [len(i["ran"]) for i in invocations] == [11, 0, 2] and invocations[1]["failed"] == ["seed0/modula_res/add"]
+
+
+def test_another_experiment_into_the_same_folder_is_refused(experiment):
+    from modula_ray.cli import main
+
+    config, out, _ = experiment
+    assert main(["experiment", "paper", "--config", str(config), "--out", str(out), "--set", "steps_per_part=3"]) == 2
+
+
+def test_the_chat_tour_answers_one_question_per_domain_with_routing_weights(experiment):
+    _, out, _ = experiment
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "modula-ray"), "chat-tour", str(out / "seed0" / "modula_res+finance"),
+                           "--max-tokens", "6"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for domain in ("math", "code", "finance"):
+        assert f"[{domain}] " in done.stdout
+    weights = re.findall(r"routing: ((?:\w+ \d\.\d\d\s*)+)", done.stdout)
+    assert len(weights) == 3
+    for line in weights:
+        values = dict(re.findall(r"(\w+) (\d\.\d\d)", line))
+        assert set(values) == {"math", "code", "finance"}
+        assert sum(map(float, values.values())) == pytest.approx(1.0, abs=0.02)
