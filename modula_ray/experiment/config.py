@@ -40,6 +40,7 @@ class TuneSettings:
 class EvalSettings:
     limit: int | None = 8                    # lm-eval: the first N test items of each task (None: all)
     suites: list[str] = field(default_factory=lambda: ["domain", "general"])  # before adding a domain
+    before_adding: bool = True               # false: evaluate only the runs with the added domain (and the base)
     routing_rows: int = 8                    # validation prompts per domain for the routing figure
     cpus: float = 1.0                        # each evaluation's Ray task
     judge_limit: int = 0                     # judged e-commerce generation items (0: no judge suite)

@@ -55,8 +55,9 @@ def plan(exp: ExperimentConfig) -> list[Part]:
         for method in exp.methods:
             at = lambda what: f"seed{seed}/{method}/{what}"  # noqa: E731
             run = run_folder(seed, method)
-            parts += [Part(at("train"), "train", run, method, seed),
-                      Part(at("eval"), "eval", run, method, seed, (at("train"),), tuple(exp.eval.suites))]
+            parts.append(Part(at("train"), "train", run, method, seed))
+            if exp.eval.before_adding or not added:
+                parts.append(Part(at("eval"), "eval", run, method, seed, (at("train"),), tuple(exp.eval.suites)))
             if seed in exp.eval.judge_seeds and exp.eval.judge_limit:
                 parts.append(Part(at("judge"), "judge", run, method, seed, (at("train"),)))
             if method in tuned:

@@ -54,6 +54,8 @@ def test_the_shipped_files_load_and_the_tour_extends_the_paper_experiment():
     assert tour.methods == ["molora", "modula_res"] and tour.tune is None and tour.seeds == [0]
     assert tour.overrides == paper.overrides and tour.steps_per_part == paper.steps_per_part
     assert tour.eval.limit == paper.eval.limit and tour.eval.suites == paper.eval.suites and tour.eval.judge_limit == 0
+    assert sorted(p.key for p in plan(tour) if p.kind in ("eval", "base")) == [
+        "base/eval", "seed0/modula_res/add-eval", "seed0/molora/add-eval"]  # the tour: the five-domain runs
     for path in (PAPER, TOUR):
         assert path.read_text().startswith("# python jobs/experiment.py paper --config ")
 
