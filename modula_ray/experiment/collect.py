@@ -62,14 +62,17 @@ def run_scores(run_dir: Path, tasks: list[str]) -> dict | None:
 
 
 def ledger_costs(run_dir: Path) -> dict:
-    """``{event: train.ledger.event_cost}`` of the run's ledger."""
+    """``{event: train.ledger.event_cost}`` of the run's ledger, plus ``train_s_sum``: the
+    worker-side seconds of its records added up (``train_s`` is the critical path, which on a
+    shared machine includes the waits between stages)."""
     from ..train.ledger import event_cost
 
     path = run_dir / "manifest.json"
     if not path.is_file():
         return {}
     ledger = read_json(path)["ledger"]
-    return {event: event_cost(ledger, event) for event in dict.fromkeys(r["event"] for r in ledger)}
+    return {event: {**event_cost(ledger, event), "train_s_sum": sum(r["train_s"] for r in ledger if r["event"] == event)}
+            for event in dict.fromkeys(r["event"] for r in ledger)}
 
 
 def gather(exp, out: Path) -> dict:

@@ -78,26 +78,26 @@ class Noise:
 def cost_rows(data: dict, exp) -> tuple[list[str], dict]:
     """The cost table (training and add-domain), and its numbers for results.json."""
     added = f"add-domain:{exp.add_domain}" if exp.add_domain else None
-    lines = ["| method | trainable params | tokens | params × tokens | TFLOP | train s (workers) | resource-s | "
-             "fit wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | tokens | params × tokens | TFLOP | train s (workers, summed) | "
+             "resource-s | first start to last end, s |", "|---|---|---|---|---|---|---|---|"]
     numbers: dict = {}
     for method in exp.methods:
         costs = data["rows"][method]["costs"]
         cost = {k: mean_std([c["pipeline"][k] for c in costs.values() if "pipeline" in c])[0]
-                for k in ("trainable_params", "tokens", "params_x_tokens", "flops", "train_s", "resource_s",
+                for k in ("trainable_params", "tokens", "params_x_tokens", "flops", "train_s_sum", "resource_s",
                           "fit_wall_s")}
         numbers[method] = {"train": cost}
         if cost["tokens"] is None:
             continue
         lines.append(f"| {method} | {cost['trainable_params']:,.0f} | {cost['tokens']:,.0f} | "
-                     f"{cost['params_x_tokens']:.3e} | {cost['flops'] / 1e12:.1f} | {cost['train_s']:.0f} | "
+                     f"{cost['params_x_tokens']:.3e} | {cost['flops'] / 1e12:.1f} | {cost['train_s_sum']:.0f} | "
                      f"{cost['resource_s']:.0f} | {cost['fit_wall_s']:.0f} |")
     if not added or not exp.add_cost_against:
         return lines, numbers
     against = exp.add_cost_against
     lines += ["", f"Adding {exp.add_domain}: its cost, and that cost as a fraction of a {against} retrain on the "
               "same seed (the paper: 19.8% for Flan, 37.3% for Res, against MoLoRA, in trainable params × tokens).",
-              "", f"| method | params × tokens | TFLOP | resource-s | fit wall s | % of {against}: params × tokens | "
+              "", f"| method | params × tokens | TFLOP | resource-s | first start to last end, s | % of {against}: params × tokens | "
               "% FLOPs | % resource-s | paper |", "|---|---|---|---|---|---|---|---|---|"]
     reference = data["rows"].get(f"{against} +{exp.add_domain}", {}).get("costs", {})
     for method in exp.methods:
@@ -226,9 +226,11 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
                          f"{_num(*base_totals, digits=2)} | {pair['a']} / {pair['b']} / {pair['tie']} | {pair['invalid']} |")
         parts.append("")
     cost_lines, cost_numbers = cost_rows(data, exp)
-    parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training time is measured inside the "
-              "workers (first to last optimizer step); fit wall adds Ray Train start-up, model load and saving; "
-              "resource-s is train s × workers × CPUs requested.", "", *cost_lines, ""]
+    parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training seconds are measured inside the "
+              "workers (first to last optimizer step of each worker group, added up); resource-s is those seconds × "
+              "workers × CPUs requested; first start to last end is the wall time of the method's Ray Train fits, "
+              "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "
+              "carry its contention; params × tokens and FLOPs do not.", "", *cost_lines, ""]
     parts += _tune_section(exp, rows, records, tasks)
     figures = _figures(exp, out, data, trained, routing_plot)
     parts += _routing_section(exp, rows, figures)

@@ -110,7 +110,8 @@ def _run(folder: Path, *, domain: dict, general: float, ledger: list[dict], rout
 
 def _record(event, params, tokens, resource_s=10.0):
     return {"event": event, "stage": "joint", "trainable_params": params, "tokens": tokens, "flops": 6 * params * tokens,
-            "train_started_at": 0.0, "train_ended_at": resource_s, "fit_started_at": 0.0, "fit_ended_at": resource_s + 5,
+            "train_started_at": 0.0, "train_ended_at": resource_s, "train_s": resource_s, "fit_started_at": 0.0,
+            "fit_ended_at": resource_s + 5,
             "startup_s": 5.0, "resource_s": resource_s}
 
 
