@@ -71,9 +71,9 @@ def cmd_paper(args) -> int:
     exp, out = prepare(args)
     parts = plan(exp)
     started = time.time()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # kill, Ctrl-C, or SIGINT to a background job: stop cleanly
-        signal.signal(signum, _interrupt)
     start_ray(out, args.num_cpus)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler:
+        signal.signal(signum, _interrupt)          # kill, Ctrl-C or SIGINT to a background job stop cleanly
     entry = {"command": args.command or _command_line(), "seeds": exp.seeds, "started_at": started}
     try:
         with judge_endpoint(exp, any(p.kind == "judge" for p in parts)):

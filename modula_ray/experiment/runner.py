@@ -11,6 +11,7 @@ and nothing else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ def start_ray(out: Path, num_cpus: float | None) -> None:
     from ..train.session import connect_ray
 
     if num_cpus and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, log_to_driver=False, logging_level=logging.WARNING)
         print(f"ray: started an in-process Ray with {num_cpus:g} logical CPUs on {os.cpu_count()} cores", flush=True)
     connect_ray(out)
 
