@@ -262,7 +262,9 @@ def _tune_section(exp, rows: dict, records: dict, tasks: list[str]) -> list[str]
         return []
     lines = ["## The router searched with Ray Tune, beside the default one", "",
              f"`modula-ray tune router` over a copy of each run ({exp.tune.num_samples} trials, space "
-             f"`{exp.tune.space}`); validation rows as in the search, lm-eval as in Table 1.", "",
+             f"`{exp.tune.space}`); validation rows as in the search; "
+             + ("lm-eval as in Table 1." if exp.tune.evaluate else "the tuned routers are not evaluated with lm-eval "
+                "(`tune.evaluate: false`), so their domain Avg. is blank."), "",
              "| method | router | val loss ↓ | routing accuracy | domain Avg. |", "|---|---|---|---|---|"]
     for method in searched:
         results = [r["result"] for k, r in records.items() if k.endswith(f"/{method}/tune")]
