@@ -107,17 +107,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls, path, overrides: list[str] | None = None):
+def read_yaml(path) -> dict:
+    """A YAML file's contents (``{}`` when empty); a missing or unparseable file is a ConfigError."""
     import yaml
 
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError("config", "file not found", source=str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"not valid YAML ({exc})", source=str(path)) from None
-    return from_dict(cls, apply_overrides(data, overrides or []), source=str(path))
+
+
+def load_config(cls, path, overrides: list[str] | None = None):
+    return from_dict(cls, apply_overrides(read_yaml(path), overrides or []), source=str(path))
 
 
 def dump_config(obj, command: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PipelineConfig, dump_config, from_dict, load_config, require, to_dict
+from ..config import PipelineConfig, dump_config, from_dict, load_config, read_yaml, require, to_dict
 from ..errors import ConfigError
 
 DEFAULT_METHODS = ["lora", "molora", "modula_flan", "modula_res", "mode"]
@@ -129,14 +129,7 @@ def load_experiment(path, overrides: list[str] | None = None) -> ExperimentConfi
 def read_extended(path: Path, seen: tuple = ()) -> dict:
     """The YAML mapping of ``path``; with ``extends: OTHER.yaml`` (relative to it), OTHER's mapping
     updated by this one's, mappings merged key by key."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError("config", "file not found", source=str(path)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"not valid YAML ({exc})", source=str(path)) from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError("config", f"expected a mapping, got {type(data).__name__}", source=str(path))
     parent = data.pop("extends", None)
