@@ -72,8 +72,9 @@ def cmd_paper(args) -> int:
     parts = plan(exp)
     started = time.time()
     start_ray(out, args.num_cpus)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler:
-        signal.signal(signum, _interrupt)          # kill, Ctrl-C or SIGINT to a background job stop cleanly
+    # After ray.init, which installs its own SIGTERM handler: kill, Ctrl-C or SIGINT to a background
+    # job stop cleanly (the caller's handlers come back when the command returns).
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     entry = {"command": args.command or _command_line(), "seeds": exp.seeds, "started_at": started}
     try:
         with judge_endpoint(exp, any(p.kind == "judge" for p in parts)):
@@ -84,6 +85,9 @@ def cmd_paper(args) -> int:
         print(f"\ninterrupted; {len(done)} of {len(parts)} parts are done and kept. Resume with the same command:\n  "
               f"{entry['command']}", file=sys.stderr)
         return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     log_invocation(out, {**entry, "wall_s": round(time.time() - started, 1), "ran": outcome["ran"],
                          "failed": sorted(outcome["failed"])})
     report = write_experiment_report(exp, out, part_records(parts, out), command=args.command or _command_line())
