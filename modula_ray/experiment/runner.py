@@ -6,7 +6,9 @@ from the start of that part (a training part resumes its finished stages, as ``t
 Parts that train only drive Ray Train worker groups, so their task asks for no CPU; the groups
 ask for the stage's resources. Evaluation parts compute in the task and ask for
 ``eval.cpus``. At most ``max_parallel`` parts are in flight; a failed part stops its dependents
-and nothing else.
+and nothing else. While a router search runs, the CPUs its trials ask for are held back from
+evaluation parts (``admit``): Ray hands a freed CPU to any waiting task, and evaluations
+queued behind a search would otherwise keep its trials waiting.
 """
 from __future__ import annotations
 
@@ -44,6 +46,39 @@ def start_ray(out: Path, num_cpus: float | None) -> None:
 
 def marker(out: Path, part: Part) -> Path:
     return out / "parts" / f"{part.slug}.json"
+
+
+def tune_cpus(exp, config_file, method: str) -> float:
+    """The CPUs a router search asks for at once: ``max_concurrent`` trials, each a worker group
+    (the search file's ``trial``, else the pipeline's router stage)."""
+    from ..config import load_config
+    from ..tune.space import SearchSpec
+    from .config import pipeline_config, resolve
+
+    trial = load_config(SearchSpec, resolve(config_file, exp.tune.space)).trial
+    if trial is None:
+        trial = pipeline_config(exp, config_file, method, 0, ".").stages.router.scaling
+    per_worker = (trial.resources_per_worker or {}).get("CPU", 0 if trial.use_gpu else 1)
+    return exp.tune.max_concurrent * trial.num_workers * per_worker
+
+
+def admit(ready: list[Part], running: list[Part], *, slots: int, total_cpus: float, need) -> list[Part]:
+    """The ready parts to start now, in order: at most ``slots``; an evaluation part only if the
+    CPUs that the evaluations and searches in flight hold (``need(part)``) leave room for it, or
+    if nothing runs at all."""
+    held = sum(need(p) for p in running if p.kind in (*KINDS_ON_CPUS, "tune"))
+    started: list[Part] = []
+    for part in ready:
+        if len(started) >= slots:
+            break
+        if part.kind in KINDS_ON_CPUS:
+            if (running or started) and held + need(part) > total_cpus + 1e-9:
+                continue
+            held += need(part)
+        elif part.kind == "tune":
+            held += need(part)
+        started.append(part)
+    return started
 
 
 def _execute(part: Part, exp, out: str, config_file: str, threads: int) -> dict:
@@ -87,6 +122,12 @@ def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) ->
     failed: dict[str, str] = {}
     todo = [p for p in parts if p.key not in done]
     running: dict = {}
+    searches = {m: tune_cpus(exp, config_file, m) for m in {p.method for p in todo if p.kind == "tune"}}
+
+    def need(part: Part) -> float:
+        return searches[part.method] if part.kind == "tune" else exp.eval.cpus if part.kind in KINDS_ON_CPUS else 0
+
+    total_cpus = ray.cluster_resources().get("CPU", 0)
     first = time.time()
     print(f"[experiment] {len(done)} of {len(parts)} parts already done; {len(todo)} to run, "
           f"at most {exp.max_parallel} at once (logs: {out / 'logs'})", file=stream, flush=True)
@@ -96,8 +137,8 @@ def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) ->
             todo.remove(part)
             failed.setdefault(part.key, "skipped: a part it needs failed")
         ready = sorted((p for p in todo if all(n in done for n in p.needs)), key=lambda p: PRIORITY[p.kind])
-        while ready and len(running) < exp.max_parallel:
-            part = ready.pop(0)
+        for part in admit(ready, [p for p, _ in running.values()], slots=exp.max_parallel - len(running),
+                          total_cpus=total_cpus, need=need):
             todo.remove(part)
             cpus = exp.eval.cpus if part.kind in KINDS_ON_CPUS else 0
             ref = remote.options(num_cpus=cpus, memory=TASK_MEMORY, name=part.key).remote(

@@ -10,7 +10,8 @@ from modula_ray.errors import ConfigError
 from modula_ray.experts import method_class
 from modula_ray.experiment.config import (EvalSettings, ExperimentConfig, check_same_experiment, load_experiment,
                                           retrain_overrides)
-from modula_ray.experiment.parts import plan
+from modula_ray.experiment.parts import Part, plan
+from modula_ray.experiment.runner import admit, tune_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "jobs" / "configs" / "paper-smollm2.yaml"
@@ -46,6 +47,22 @@ def test_the_plan_orders_each_part_after_what_it_needs():
     assert sorted(p.key for p in with_judge if p.kind == "judge") == [f"seed1/{m}/judge" for m in sorted(exp.methods)]
     # per seed: 5 x (train, eval, add, add-eval) + 2 x (tune, tune-eval); plus the base model once
     assert len(parts) == 1 + 2 * (5 * 4 + 2 * 2)
+
+
+def test_a_running_search_keeps_its_trials_cpus_from_evaluation_parts():
+    """The paper's search holds 2 x 1 CPU; on 3 CPUs one evaluation fits beside it, not two."""
+    exp = load_experiment(PAPER)
+    assert tune_cpus(exp, PAPER, "modula_res") == 2
+    search = Part("seed2/modula_res/tune", "tune", "seed2/modula_res-tuned", "modula_res", 2)
+    train = Part("seed2/mode/train", "train", "seed2/mode", "mode", 2)
+    evals = [Part(f"seed{s}/lora/eval", "eval", f"seed{s}/lora", "lora", s) for s in range(3)]
+    need = lambda p: {"tune": 2, "eval": 1}.get(p.kind, 0)  # noqa: E731
+    assert admit([*evals], [search], slots=4, total_cpus=3, need=need) == evals[:1]
+    assert admit([search, train, *evals], [], slots=4, total_cpus=3, need=need) == [search, train, evals[0]]
+    assert admit([*evals], [], slots=4, total_cpus=3, need=need) == evals  # no search: every CPU
+    assert admit([*evals], [evals[0], evals[1], evals[2]], slots=4, total_cpus=3, need=need) == []
+    assert admit([evals[0]], [], slots=4, total_cpus=0.5, need=need) == evals[:1]  # alone, it always starts
+    assert admit([train, *evals], [], slots=2, total_cpus=3, need=need) == [train, evals[0]]
 
 
 def test_the_shipped_files_load_and_the_tour_extends_the_paper_experiment():
