@@ -142,7 +142,7 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
                  for t in data["tasks_added"]}
     noise, tasks, rows, base = Noise(exp.eval.limit, test_rows), data["tasks"], data["rows"], data["base"]
     trained = [m for m in exp.methods if rows[m]["seeds"]]
-    seeds_done = sorted({s for m in trained for s in rows[m]["seeds"]})
+    seeds_done = sorted({s for row in rows.values() for s in row["seeds"]})
     wall, kinds = timing(records)
     invocations = read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []
     command_wall = sum(i["wall_s"] for i in invocations)
@@ -155,27 +155,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
              + (f"{command_wall / 60:.1f} min over {len(invocations)} run(s) of the command; " if invocations else "")
              + f"parts' tasks: {', '.join(f'{k} {v / 60:.1f}' for k, v in sorted(kinds.items()))} task-minutes "
              "(concurrent). Numbers are mean ± std over seeds, in %.", ""]
-    verdicts = []
-    if base:
-        base_se = noise.se(None, base, tasks)
-        for method in trained:
-            mean, _ = aggregate(rows[method], "avg")
-            if mean is not None:
-                verdicts.append(f"- {method} against the base model: "
-                                + noise.verdict(mean - base["avg"], noise.se(rows[method], None, tasks), base_se))
-    reference = rows.get(exp.compare_to) if exp.compare_to else None
-    if reference and reference["seeds"]:
-        for method in [m for m in trained if m != exp.compare_to]:
-            mine, theirs = aggregate(rows[method], "avg")[0], aggregate(reference, "avg")[0]
-            if mine is not None and theirs is not None:
-                verdicts.append(f"- {method} against {exp.compare_to}: " + noise.verdict(
-                    mine - theirs, noise.se(rows[method], None, tasks), noise.se(reference, None, tasks)))
-    for label, row in rows.items():
-        if row["kind"] == "tuned" and row["seeds"]:
-            default, tuned = aggregate(rows[row["method"]], "avg")[0], aggregate(row, "avg")[0]
-            if default is not None and tuned is not None:
-                verdicts.append(f"- {label} against its default router: " + noise.verdict(
-                    tuned - default, noise.se(row, None, tasks), noise.se(rows[row["method"]], None, tasks)))
+    verdicts = (_verdicts(exp, rows, "trained", base, tasks, noise)
+                + _verdicts(exp, rows, "added", data["base_added"], data["tasks_added"], noise))
     parts += ["## What the numbers say", "", "A difference counts only beyond twice its noise (the larger of the "
               "seeds' and the test items' standard error); anything smaller is reported as within noise.", "",
               *(verdicts or ["- nothing evaluated yet"]), ""]
@@ -184,6 +165,9 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
         parts.append(_row_line("base model alone", base, tasks, single=True))
     parts += [_row_line(label, row, tasks) for label, row in rows.items() if row["kind"] in ("trained", "tuned")
               and row["seeds"]] + [""]
+    if not trained and exp.add_domain:
+        parts += [f"No run was evaluated before adding {exp.add_domain} (`eval.before_adding: false`): Table 4 "
+                  "holds them, and Table 3 only the base model.", ""]
     parts += ["## Table 3: general capability retained (MMLU subjects outside every domain, %)", "",
               "| model | general acc | Δ vs base | general acc_norm | Δ vs base |", "|---|---|---|---|---|"]
     if base:
@@ -245,6 +229,32 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     return report
+
+
+def _verdicts(exp, rows: dict, kind: str, base: dict | None, tasks: list[str], noise: Noise) -> list[str]:
+    """Each evaluated row of ``kind`` (trained, or added) against the base model and against
+    ``compare_to``'s row of that kind; for trained rows, each tuned router against its default."""
+    mine = {label: row for label, row in rows.items() if row["kind"] == kind and row["seeds"]}
+    reference = next(((label, row) for label, row in mine.items() if row["method"] == exp.compare_to), None)
+    lines = []
+
+    def compare(label: str, row: dict, other: str, other_row: dict | None, other_scores: dict | None = None):
+        a = aggregate(row, "avg")[0]
+        b = other_scores["avg"] if other_scores else aggregate(other_row, "avg")[0]
+        if a is not None and b is not None:
+            lines.append(f"- {label} against {other}: " + noise.verdict(
+                a - b, noise.se(row, None, tasks), noise.se(other_row, other_scores, tasks)))
+
+    for label, row in mine.items():
+        if base:
+            compare(label, row, "the base model", None, base)
+    for label, row in mine.items():
+        if reference and label != reference[0]:
+            compare(label, row, reference[0], reference[1])
+    for label, row in rows.items():
+        if kind == "trained" and row["kind"] == "tuned" and row["seeds"]:
+            compare(label, row, "its default router", rows[row["method"]])
+    return lines
 
 
 def _with_old_avg(row: dict, tasks: list[str]) -> dict:

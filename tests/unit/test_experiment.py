@@ -1,6 +1,7 @@
 """The experiment's contract without Ray: the token budget, the plan of parts, the files it reads,
 and the report's arithmetic (mean ± std over seeds, the noise rule, the add-domain fraction)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def test_the_shipped_files_load_and_the_tour_extends_the_paper_experiment():
     assert tour.eval.limit == paper.eval.limit and tour.eval.suites == paper.eval.suites and tour.eval.judge_limit == 0
     assert sorted(p.key for p in plan(tour) if p.kind in ("eval", "base")) == [
         "base/eval", "seed0/modula_res/add-eval", "seed0/molora/add-eval"]  # the tour: the five-domain runs
-    for path in (PAPER, TOUR):
+    tiny = load_experiment(ROOT / "jobs" / "configs" / "tiny-experiment.yaml")
+    assert len(plan(tiny)) == 11 and tiny.tune.max_concurrent == 1
+    for path in (PAPER, TOUR, ROOT / "jobs" / "configs" / "tiny-experiment.yaml"):
         assert path.read_text().startswith("# python jobs/experiment.py paper --config ")
 
 
@@ -166,6 +169,16 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     assert "| modula_res | 4.000e+04 |" in report and "| 20.0% |" in report and "| 37.3% |" in report
     assert "| modula_res | 0.60 ± 0.10 | 0.40 |" in report  # routing accuracy per domain
     assert "62.5 ± 12.5 → 62.5 ± 12.5" in report  # old-domain Avg. before and after adding finance
+    added = [v for v in results["verdicts"] if "+finance against" in v]
+    assert len(added) == 3 and any(v.startswith("- modula_res +finance against molora +finance: higher") for v in added)
+    # the tour evaluates only the runs with finance: its seeds and verdicts come from those
+    for folder in tmp_path.glob("seed*/*"):
+        if "+" not in folder.name:
+            shutil.rmtree(folder / "eval")
+    report = write_experiment_report(exp, tmp_path, {}).read_text()
+    assert report.startswith("# Paper comparison at small scale (3 seeds)") and "nothing evaluated yet" not in report
+    assert "No run was evaluated before adding finance" in report
+    assert len(json.loads((tmp_path / "results.json").read_text())["verdicts"]) == 3
 
 
 def test_a_one_point_difference_on_eight_items_is_within_noise():
