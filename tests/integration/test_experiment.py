@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .conftest import TINY, digests
+from .conftest import digests
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACE = ROOT / "jobs" / "configs" / "tune-router-paper.yaml"
+CONFIG = ROOT / "jobs" / "configs" / "tiny-experiment.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,9 @@ def experiment(ray_local, tmp_path_factory):
     """The tiny experiment (molora and modula_res, 1 seed, finance added, 1 tuning trial) and its output."""
     from modula_ray.cli import main
 
-    folder = tmp_path_factory.mktemp("experiment")
-    config = folder / "tiny-experiment.yaml"
-    config.write_text("# modula-ray experiment paper --config tiny-experiment.yaml --out out\n" + yaml.safe_dump({
-        "pipeline": str(TINY), "methods": ["molora", "modula_res"], "domains": ["math", "code"],
-        "add_domain": "finance", "seeds": [0], "steps_per_part": 2, "max_parallel": 3,
-        "compare_to": "molora", "add_cost_against": "molora",
-        "tune": {"methods": ["modula_res"], "space": str(SPACE), "num_samples": 1, "max_concurrent": 1},
-        "eval": {"limit": 2, "routing_rows": 2, "cpus": 0.5}}))
-    out = folder / "out"
-    code = main(["experiment", "paper", "--config", str(config), "--out", str(out)])
-    return config, out, code
+    out = tmp_path_factory.mktemp("experiment") / "out"
+    code = main(["experiment", "paper", "--config", str(CONFIG), "--out", str(out)])
+    return CONFIG, out, code
 
 
 def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment):
