@@ -64,19 +64,16 @@ def tune_cpus(exp, config_file, method: str) -> float:
 
 def admit(ready: list[Part], running: list[Part], *, slots: int, total_cpus: float, need) -> list[Part]:
     """The ready parts to start now, in order: at most ``slots``; an evaluation part only if the
-    CPUs that the evaluations and searches in flight hold (``need(part)``) leave room for it, or
-    if nothing runs at all."""
-    held = sum(need(p) for p in running if p.kind in (*KINDS_ON_CPUS, "tune"))
+    CPUs that the evaluations and searches in flight hold (``need(part)``; 0 for parts that only
+    drive Train groups) leave room for it, or if nothing runs at all."""
+    held = sum(need(p) for p in running)
     started: list[Part] = []
     for part in ready:
         if len(started) >= slots:
             break
-        if part.kind in KINDS_ON_CPUS:
-            if (running or started) and held + need(part) > total_cpus + 1e-9:
-                continue
-            held += need(part)
-        elif part.kind == "tune":
-            held += need(part)
+        if part.kind in KINDS_ON_CPUS and (running or started) and held + need(part) > total_cpus + 1e-9:
+            continue
+        held += need(part)
         started.append(part)
     return started
 
@@ -140,7 +137,7 @@ def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) ->
         for part in admit(ready, [p for p, _ in running.values()], slots=exp.max_parallel - len(running),
                           total_cpus=total_cpus, need=need):
             todo.remove(part)
-            cpus = exp.eval.cpus if part.kind in KINDS_ON_CPUS else 0
+            cpus = need(part) if part.kind in KINDS_ON_CPUS else 0
             ref = remote.options(num_cpus=cpus, memory=TASK_MEMORY, name=part.key).remote(
                 part, exp, str(out), str(config_file), max(1, int(round(cpus or 1))))
             running[ref] = (part, time.time())

@@ -17,6 +17,7 @@ from modula_ray.experiment.runner import admit, tune_cpus
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "jobs" / "configs" / "paper-smollm2.yaml"
 TOUR = ROOT / "jobs" / "configs" / "demo-tour.yaml"
+TINY_EXPERIMENT = ROOT / "jobs" / "configs" / "tiny-experiment.yaml"
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -74,9 +75,9 @@ def test_the_shipped_files_load_and_the_tour_extends_the_paper_experiment():
     assert tour.eval.limit == paper.eval.limit and tour.eval.suites == paper.eval.suites and tour.eval.judge_limit == 0
     assert sorted(p.key for p in plan(tour) if p.kind in ("eval", "base")) == [
         "base/eval", "seed0/modula_res/add-eval", "seed0/molora/add-eval"]  # the tour: the five-domain runs
-    tiny = load_experiment(ROOT / "jobs" / "configs" / "tiny-experiment.yaml")
+    tiny = load_experiment(TINY_EXPERIMENT)
     assert len(plan(tiny)) == 11 and tiny.tune.max_concurrent == 1
-    for path in (PAPER, TOUR, ROOT / "jobs" / "configs" / "tiny-experiment.yaml"):
+    for path in (PAPER, TOUR, TINY_EXPERIMENT):
         assert path.read_text().startswith("# python jobs/experiment.py paper --config ")
 
 
