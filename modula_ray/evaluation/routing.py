@@ -19,9 +19,10 @@ from ..fileio import atomic_write_json
 RESULT_FILE = "routing.json"
 
 
-def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False
+def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None
                       ) -> dict[str, dict[str, float]]:
-    """``{prompt domain: {routed expert: mean gate}}``; empty for a method with no router."""
+    """``{prompt domain: {routed expert: mean gate}}``; empty for a method with no router.
+    ``composition``: the run's ``(model, tokenizer)`` if already loaded."""
     from tqdm.auto import tqdm
 
     from ..data.build import load_manifest, split_file
@@ -35,7 +36,7 @@ def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: b
     if not manifest["router"]:
         return {}
     hf_logging.disable_progress_bar()  # one "Loading weights" bar helps nobody here
-    model, tokenizer = load_composition(run_dir)
+    model, tokenizer = composition or load_composition(run_dir)
     data_dir = manifest["data"]["dir"]
     built = load_manifest(data_dir)["domains"]
     domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
@@ -90,7 +91,7 @@ def own_expert_hits(captured: dict, expert: int) -> tuple[int, int]:
     return int((winners == expert).sum()), winners.numel()
 
 
-def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8) -> dict:
+def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8, composition=None) -> dict:
     """Per domain of the composition: the mean gate per expert at the first, middle and last
     layer (the paper's Figure 3), and the routing accuracy: the share of (router, token) pairs
     whose largest gate is the domain's own expert. ``{}`` for a method with no router."""
@@ -103,7 +104,7 @@ def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8) -> dict:
     manifest = read_manifest(run_dir)
     if not manifest["router"]:
         return {}
-    model, tokenizer = load_composition(run_dir)
+    model, tokenizer = composition or load_composition(run_dir)
     names = spec_of(model).routed_names()
     layer_of = {path: int(re.search(r"layers\.(\d+)\.", path).group(1)) for path in routers(model)}
     layers = sorted(set(layer_of.values()))

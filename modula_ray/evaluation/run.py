@@ -52,15 +52,16 @@ def evaluate_model(model, tasks, *, limit: int | None = None, seed: int = 0) -> 
 
 
 def run_suite(run_dir, suite: str, *, limit: int | None = None, seed: int = 0, batch_size: int = 4,
-              with_base: bool = True) -> dict:
+              with_base: bool = True, model=None) -> dict:
     from ..compose import read_manifest
     from .lm import ModulaLM
 
     if suite not in SUITE_TASKS:
         raise ConfigError("suite", f"unknown suite {suite!r}; choose one of {sorted(SUITE_TASKS)}")
     manifest = read_manifest(run_dir)
-    composition, versions = evaluate_model(ModulaLM(run=str(run_dir), batch_size=batch_size), SUITE_TASKS[suite],
-                                           limit=limit, seed=seed)
+    if model is None:  # else one already built for this run (``ModulaLM(run=run_dir)``)
+        model = ModulaLM(run=str(run_dir), batch_size=batch_size)
+    composition, versions = evaluate_model(model, SUITE_TASKS[suite], limit=limit, seed=seed)
     entry = {"composition": composition, "versions": versions, "limit": limit, "seed": seed}
     if with_base:
         entry["base"], _ = evaluate_model(ModulaLM(base=manifest["base_model"]["name"], batch_size=batch_size),

@@ -60,7 +60,7 @@ def plan(exp: ExperimentConfig) -> list[Part]:
                 parts.append(Part(at("eval"), "eval", run, method, seed, (at("train"),), tuple(exp.eval.suites)))
             if seed in exp.eval.judge_seeds and exp.eval.judge_limit:
                 parts.append(Part(at("judge"), "judge", run, method, seed, (at("train"),)))
-            if method in tuned:
+            if method in tuned and (exp.tune.seeds is None or seed in exp.tune.seeds):
                 parts.append(Part(at("tune"), "tune", run_folder(seed, method, "-tuned"), method, seed, (at("train"),)))
                 if exp.tune.evaluate:
                     parts.append(Part(at("tune-eval"), "eval", run_folder(seed, method, "-tuned"), method, seed,
@@ -118,15 +118,17 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..compose import read_manifest
     from ..evaluation.report import save_results
     from ..evaluation.routing import routing_by_domain, routing_by_layer, save_routing
+    from ..evaluation.lm import ModulaLM
     from ..evaluation.run import run_suite
 
     run_dir = out / part.run
+    model = ModulaLM(run=str(run_dir), batch_size=4)  # loaded once for every suite and the routing
     for suite in part.suites:
-        save_results(run_dir, suite, run_suite(run_dir, suite, limit=exp.eval.limit, with_base=False))
+        save_results(run_dir, suite, run_suite(run_dir, suite, limit=exp.eval.limit, with_base=False, model=model))
     if read_manifest(run_dir)["router"]:
-        rows = exp.eval.routing_rows
-        save_routing(run_dir, routing_by_domain(run_dir, rows=rows), split="val", rows=rows,
-                     layers=routing_by_layer(run_dir, rows=rows))
+        rows, loaded = exp.eval.routing_rows, (model.model, model.tokenizer)
+        save_routing(run_dir, routing_by_domain(run_dir, rows=rows, composition=loaded), split="val", rows=rows,
+                     layers=routing_by_layer(run_dir, rows=rows, composition=loaded))
     return {"suites": list(part.suites)}
 
 
