@@ -66,7 +66,7 @@ def _command_line() -> str:
 def cmd_paper(args) -> int:
     from .parts import plan
     from .report import write_experiment_report
-    from .runner import judge_endpoint, part_records, run_parts, start_ray
+    from .runner import part_records, run_parts, start_ray
 
     exp, out = prepare(args)
     parts = plan(exp)
@@ -77,8 +77,7 @@ def cmd_paper(args) -> int:
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     entry = {"command": args.command or _command_line(), "seeds": exp.seeds, "started_at": started}
     try:
-        with judge_endpoint(exp, any(p.kind == "judge" for p in parts)):
-            outcome = run_parts(parts, exp, out, Path(args.config).resolve())
+        outcome = run_parts(parts, exp, out, Path(args.config).resolve())
     except KeyboardInterrupt:
         done = sorted(part_records(parts, out))
         log_invocation(out, {**entry, "wall_s": round(time.time() - started, 1), "interrupted": True, "done": done})

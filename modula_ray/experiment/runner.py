@@ -39,6 +39,9 @@ def start_ray(out: Path, num_cpus: float | None) -> None:
     from ..train.session import connect_ray
 
     if num_cpus and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        # One machine has no node that a cloud can drain, so Train's preemption watcher (one more
+        # actor per fit, of about 30 a seed) has nothing to watch; a cluster keeps it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=num_cpus, log_to_driver=False, logging_level=logging.WARNING)
         print(f"ray: started an in-process Ray with {num_cpus:g} logical CPUs on {os.cpu_count()} cores", flush=True)
     connect_ray(out)
@@ -109,10 +112,17 @@ def _clock(seconds: float) -> str:
 
 def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) -> dict:
     """Run every part not yet done; returns ``{"done", "ran" (by this call), "failed" ({key: error}),
-    "skipped"}``."""
+    "skipped"}``. The judge endpoint is up only while judge parts run."""
+    judge = JudgeEndpoint(exp)
+    try:
+        return _run(parts, exp, out, config_file, stream or sys.stdout, judge)
+    finally:
+        judge.close()
+
+
+def _run(parts: list[Part], exp, out: Path, config_file, stream, judge: JudgeEndpoint) -> dict:
     import ray
 
-    stream = stream or sys.stdout
     remote = ray.remote(max_retries=0)(_execute)
     done = {p.key for p in parts if marker(out, p).is_file()}
     already = set(done)
@@ -133,10 +143,14 @@ def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) ->
         for part in blocked:
             todo.remove(part)
             failed.setdefault(part.key, "skipped: a part it needs failed")
-        ready = sorted((p for p in todo if all(n in done for n in p.needs)), key=lambda p: PRIORITY[p.kind])
+        # Once the judge is up, the judge parts go first, so that it is shut down soon.
+        ready = sorted((p for p in todo if all(n in done for n in p.needs)),
+                       key=lambda p: -1 if p.kind == "judge" and judge.up else PRIORITY[p.kind])
         for part in admit(ready, [p for p, _ in running.values()], slots=exp.max_parallel - len(running),
                           total_cpus=total_cpus, need=need):
             todo.remove(part)
+            if part.kind == "judge":
+                judge.ensure()
             cpus = need(part) if part.kind in KINDS_ON_CPUS else 0
             ref = remote.options(num_cpus=cpus, memory=TASK_MEMORY, name=part.key).remote(
                 part, exp, str(out), str(config_file), max(1, int(round(cpus or 1))))
@@ -150,6 +164,8 @@ def run_parts(parts: list[Part], exp, out: Path, config_file, *, stream=None) ->
             break
         finished, _ = ray.wait(list(running), num_returns=1)
         part, started = running.pop(finished[0])
+        if not any(p.kind == "judge" for p in [*todo, *(q for q, _ in running.values())]):
+            judge.close()
         try:
             record = ray.get(finished[0])
         except Exception as exc:  # the part's traceback is in its log
@@ -170,23 +186,32 @@ def part_records(parts: list[Part], out: Path) -> dict[str, dict]:
     return {p.key: read_json(marker(out, p)) for p in parts if marker(out, p).is_file()}
 
 
-@contextlib.contextmanager
-def judge_endpoint(exp, needed: bool):
+class JudgeEndpoint:
     """The judge for the judge parts: ``MODULA_RAY_JUDGE_URL`` if set, else the base model served
-    on 127.0.0.1:8000 by Ray Serve for as long as the experiment runs."""
-    if not needed or os.environ.get("MODULA_RAY_JUDGE_URL"):
-        yield
-        return
-    from ray import serve
+    on 127.0.0.1:8000 by Ray Serve, started when the first judge part starts and shut down when
+    the last one ends (Serve's controller and proxy would otherwise poll for the whole run)."""
 
-    from ..serve.app import build_app
+    def __init__(self, exp):
+        self.model, self.up = exp.eval.judge_model, False
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    # The replica reserves a tenth of a CPU: it computes only while judge parts wait on it.
-    serve.run(build_app([], base_models=[exp.eval.judge_model], deployment={"ray_actor_options": {"num_cpus": 0.1}}),
-              name="modula-ray-judge", route_prefix="/")
-    print(f"[experiment] judge: {exp.eval.judge_model} served on http://127.0.0.1:8000/v1", flush=True)
-    try:
-        yield
-    finally:
-        serve.delete("modula-ray-judge")
+    def ensure(self) -> None:
+        if self.up or os.environ.get("MODULA_RAY_JUDGE_URL"):
+            return
+        from ray import serve
+
+        from ..serve.app import build_app
+
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        self.up = True
+        # The replica reserves a tenth of a CPU: it computes only while judge parts wait on it.
+        serve.run(build_app([], base_models=[self.model], deployment={"ray_actor_options": {"num_cpus": 0.1}}),
+                  name="modula-ray-judge", route_prefix="/")
+        print(f"[experiment] judge: {self.model} served on http://127.0.0.1:8000/v1", flush=True)
+
+    def close(self) -> None:
+        if self.up:
+            from ray import serve
+
+            serve.shutdown()
+            self.up = False
+            print("[experiment] judge: Serve shut down (no judge part left)", flush=True)

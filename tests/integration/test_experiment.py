@@ -15,29 +15,37 @@ from .conftest import digests
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "jobs" / "configs" / "tiny-experiment.yaml"
+JUDGED = ["--set", "eval.judge_limit=1", "--set", "eval.judge_model=tiny-llama"]  # the tiny model judges on Serve
 
 
 @pytest.fixture(scope="module")
 def experiment(ray_local, tmp_path_factory):
-    """The tiny experiment (molora and modula_res, 1 seed, finance added, 1 tuning trial) and its output."""
+    """The tiny experiment (molora and modula_res, 1 seed, finance added, 1 tuning trial), with 1
+    judged item each, and its output; and the Serve actors left once it returned."""
+    import ray
+
     from modula_ray.cli import main
 
     out = tmp_path_factory.mktemp("experiment") / "out"
-    code = main(["experiment", "paper", "--config", str(CONFIG), "--out", str(out)])
-    return CONFIG, out, code
+    code = main(["experiment", "paper", "--config", str(CONFIG), "--out", str(out), *JUDGED])
+    serve_left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE" in a["name"]]
+    return CONFIG, out, code, serve_left
 
 
 def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment):
-    config, out, code = experiment
+    config, out, code, serve_left = experiment
     assert code == 0
+    assert serve_left == []  # the judge's Serve went down with the last judge part
     parts = {p.stem for p in (out / "parts").glob("*.json")}
     assert parts == {"base__eval", *(f"seed0__{m}__{k}" for m in ("molora", "modula_res")
                                      for k in ("train", "eval", "add", "add-eval")),
-                     "seed0__modula_res__tune", "seed0__modula_res__tune-eval"}
+                     "seed0__modula_res__tune", "seed0__modula_res__tune-eval",
+                     "seed0__molora__judge", "seed0__modula_res__judge"}
     report = (out / "report.md").read_text()
     for heading in ("Table 1: domain tasks", "Table 3: general capability", "Table 4: after adding finance",
-                    "Cost (from each run's ledger", "Routing (Figure 3)", "The router searched with Ray Tune"):
+                    "Table 5", "Cost (from each run's ledger", "Routing (Figure 3)", "The router searched with Ray Tune"):
         assert heading in report
+    assert "Judge: tiny-llama at http://127.0.0.1:8000/v1" in report
     for row in ("| base model alone |", "| molora |", "| modula_res |", "| modula_res (tuned router) |",
                 "| molora +finance |", "| modula_res +finance |"):
         assert row in report
@@ -50,7 +58,7 @@ def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment)
 
 
 def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(experiment):
-    _, out, _ = experiment
+    _, out, *_ = experiment
     ledger = {m: json.loads((out / "seed0" / m / "manifest.json").read_text())["ledger"] for m in ("molora", "modula_res")}
     # steps: molora joint (2 + 2) x 2 = 8; modula_res universal 2 + experts 2 x 2 + router 2 = 8 (4 records)
     assert [r["stage"] for r in ledger["molora"]] == ["joint"]
@@ -72,7 +80,7 @@ def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(
 def test_a_rerun_recomputes_nothing_and_a_failed_part_stops_only_its_dependents(experiment, capsys):
     from modula_ray.cli import main
 
-    config, out, _ = experiment
+    config, out, *_ = experiment
     kept = {name: digests(out / "seed0" / name) for name in ("molora", "modula_res")}
     markers = {p.name: p.read_bytes() for p in (out / "parts").glob("*.json")}
     for name in ("seed0__modula_res__add.json", "seed0__modula_res__add-eval.json"):
@@ -80,17 +88,17 @@ def test_a_rerun_recomputes_nothing_and_a_failed_part_stops_only_its_dependents(
     finance = out / "data" / "finance"
     finance.rename(finance.with_name("finance.away"))  # the add-domain part cannot find its data
     try:
-        assert main(["experiment", "paper", "--config", str(config), "--out", str(out)]) == 1
+        assert main(["experiment", "paper", "--config", str(config), "--out", str(out), *JUDGED]) == 1
     finally:
         finance.with_name("finance.away").rename(finance)
     printed = capsys.readouterr()
-    assert "9 of 11 parts already done; 2 to run" in printed.out
+    assert "11 of 13 parts already done; 2 to run" in printed.out
     assert re.search(r"FAILED seed0/modula_res/add: .*finance", printed.out)
     assert "start  seed0/modula_res/add-eval" not in printed.out
     assert "1 part(s) failed and 1 were skipped" in printed.err
-    assert main(["experiment", "paper", "--config", str(config), "--out", str(out)]) == 0
+    assert main(["experiment", "paper", "--config", str(config), "--out", str(out), *JUDGED]) == 0
     printed = capsys.readouterr().out
-    assert "9 of 11 parts already done; 2 to run" in printed and "done   seed0/modula_res/add-eval" in printed
+    assert "11 of 13 parts already done; 2 to run" in printed and "done   seed0/modula_res/add-eval" in printed
     assert {name: digests(out / "seed0" / name) for name in ("molora", "modula_res")}.keys() == kept.keys()
     for name, digest in kept.items():  # the trained runs were not touched (their eval/ only by evaluation)
         now = digests(out / "seed0" / name)
@@ -99,18 +107,18 @@ def test_a_rerun_recomputes_nothing_and_a_failed_part_stops_only_its_dependents(
     assert all((out / "parts" / name).read_bytes() == body for name, body in markers.items()
                if "modula_res__add" not in name)
     invocations = json.loads((out / "invocations.json").read_text())
-    assert [len(i["ran"]) for i in invocations] == [11, 0, 2] and invocations[1]["failed"] == ["seed0/modula_res/add"]
+    assert [len(i["ran"]) for i in invocations] == [13, 0, 2] and invocations[1]["failed"] == ["seed0/modula_res/add"]
 
 
 def test_another_experiment_into_the_same_folder_is_refused(experiment):
     from modula_ray.cli import main
 
-    config, out, _ = experiment
+    config, out, *_ = experiment
     assert main(["experiment", "paper", "--config", str(config), "--out", str(out), "--set", "steps_per_part=3"]) == 2
 
 
 def test_the_chat_tour_answers_one_question_per_domain_with_routing_weights(experiment):
-    _, out, _ = experiment
+    _, out, *_ = experiment
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([str(Path(sys.executable).parent / "modula-ray"), "chat-tour", str(out / "seed0" / "modula_res+finance"),
                            "--max-tokens", "6"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
