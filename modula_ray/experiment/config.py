@@ -30,6 +30,7 @@ class TuneSettings:
     num_samples: int = 3
     max_concurrent: int = 2
     evaluate: bool = True                    # lm-eval's domain suite over the tuned router too
+    seeds: list[int] | None = None           # the seeds whose routers are searched (null: every seed)
 
     def __post_init__(self):
         require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")

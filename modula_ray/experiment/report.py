@@ -264,6 +264,12 @@ def _with_old_avg(row: dict, tasks: list[str]) -> dict:
     return row["seeds"]
 
 
+def _tune_seeds(records: dict) -> str:
+    """The seeds with a finished search, e.g. ``0`` or ``0, 1, 2``."""
+    return ", ".join(map(str, sorted({int(k.split("/")[0].removeprefix("seed")) for k in records
+                                      if k.endswith("/tune")})))
+
+
 def _tune_section(exp, rows: dict, records: dict, tasks: list[str]) -> list[str]:
     """The tuned router beside the default one: the search's validation metrics, then lm-eval."""
     searched = [m for m in (exp.tune.methods if exp.tune else [])
@@ -272,7 +278,7 @@ def _tune_section(exp, rows: dict, records: dict, tasks: list[str]) -> list[str]
         return []
     lines = ["## The router searched with Ray Tune, beside the default one", "",
              f"`modula-ray tune router` over a copy of each run ({exp.tune.num_samples} trials, space "
-             f"`{exp.tune.space}`); validation rows as in the search; "
+             f"`{exp.tune.space}`, seeds {_tune_seeds(records)}); validation rows as in the search; "
              + ("lm-eval as in Table 1." if exp.tune.evaluate else "the tuned routers are not evaluated with lm-eval "
                 "(`tune.evaluate: false`), so their domain Avg. is blank."), "",
              "| method | router | val loss ↓ | routing accuracy | domain Avg. |", "|---|---|---|---|---|"]

@@ -9,8 +9,8 @@ import yaml
 
 from modula_ray.errors import ConfigError
 from modula_ray.experts import method_class
-from modula_ray.experiment.config import (EvalSettings, ExperimentConfig, check_same_experiment, load_experiment,
-                                          retrain_overrides)
+from modula_ray.experiment.config import (EvalSettings, ExperimentConfig, TuneSettings, check_same_experiment,
+                                          load_experiment, retrain_overrides)
 from modula_ray.experiment.parts import Part, plan
 from modula_ray.experiment.runner import admit, tune_cpus
 
@@ -49,6 +49,8 @@ def test_the_plan_orders_each_part_after_what_it_needs():
     assert sorted(p.key for p in with_judge if p.kind == "judge") == [f"seed1/{m}/judge" for m in sorted(exp.methods)]
     # per seed: 5 x (train, eval, add, add-eval) + 2 x (tune, tune-eval); plus the base model once
     assert len(parts) == 1 + 2 * (5 * 4 + 2 * 2)
+    searched_once = plan(ExperimentConfig(seeds=[0, 1, 2], tune=TuneSettings(seeds=[0], evaluate=False)))
+    assert sorted(p.key for p in searched_once if p.kind == "tune") == ["seed0/modula_flan/tune", "seed0/modula_res/tune"]
 
 
 def test_a_running_search_keeps_its_trials_cpus_from_evaluation_parts():
