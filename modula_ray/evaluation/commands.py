@@ -20,13 +20,12 @@ SUITES = ("routing", "domain", "general", "judge", "all")
 
 
 def _routing(run_dir, args) -> None:
-    from .routing import format_routing, routing_by_domain, routing_by_layer, save_routing
+    from .routing import format_routing, routing_tables, save_routing
 
-    table = routing_by_domain(run_dir, split=args.split, rows=args.rows, progress=not args.json)
+    table, layers = routing_tables(run_dir, split=args.split, rows=args.rows, progress=not args.json)
     if not table:
         print(f"{run_dir}: this composition has no router, so there is no routing table")
         return
-    layers = routing_by_layer(run_dir, split=args.split, rows=args.rows)
     path = save_routing(run_dir, table, split=args.split, rows=args.rows, layers=layers)
     if args.json:
         print(json.dumps(table, indent=2))

@@ -2,8 +2,9 @@
 
 For each domain of the composition (and the general domain), the mean gate per routed expert
 over ``rows`` prompts of a split, averaged over every router and token of each prompt's
-forward. A uniform router gives ``1 / n_routed`` everywhere. ``routing_by_layer`` adds the
-paper's Figure 3 (first, middle and last layer) and the routing accuracy per domain.
+forward. A uniform router gives ``1 / n_routed`` everywhere. ``routing_tables`` also gives the
+paper's Figure 3 (first, middle and last layer) and the routing accuracy per domain, from the
+same forwards.
 """
 from __future__ import annotations
 
@@ -19,40 +20,6 @@ from ..fileio import atomic_write_json
 RESULT_FILE = "routing.json"
 
 
-def routing_by_domain(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None
-                      ) -> dict[str, dict[str, float]]:
-    """``{prompt domain: {routed expert: mean gate}}``; empty for a method with no router.
-    ``composition``: the run's ``(model, tokenizer)`` if already loaded."""
-    from tqdm.auto import tqdm
-
-    from ..data.build import load_manifest, split_file
-    from ..data.formatting import prompt_ids
-    from ..data.schema import read_split
-    from ..experts import routing_weights
-
-    from transformers.utils import logging as hf_logging
-
-    manifest = read_manifest(run_dir)
-    if not manifest["router"]:
-        return {}
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar helps nobody here
-    model, tokenizer = composition or load_composition(run_dir)
-    data_dir = manifest["data"]["dir"]
-    built = load_manifest(data_dir)["domains"]
-    domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
-    table = {}
-    with torch.no_grad():
-        for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
-            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
-            sums: dict[str, float] = {}
-            for prompt in prompts:
-                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
-                for expert, weight in routing_weights(model).items():
-                    sums[expert] = sums.get(expert, 0.0) + weight / len(prompts)
-            table[domain] = sums
-    return table
-
-
 def format_routing(table: dict[str, dict[str, float]]) -> str:
     """Rows: prompt domain; columns: routed expert; the largest gate of each row is starred."""
     experts = list(next(iter(table.values())))
@@ -64,7 +31,7 @@ def format_routing(table: dict[str, dict[str, float]]) -> str:
 
 
 def save_routing(run_dir, table: dict, *, split: str, rows: int, layers: dict | None = None) -> Path:
-    """``RUN_DIR/eval/routing.json`` (atomic): the table, and ``routing_by_layer``'s result."""
+    """``RUN_DIR/eval/routing.json`` (atomic): the table, and the per-layer result (``routing_tables``)."""
     path = Path(run_dir) / "eval" / RESULT_FILE
     atomic_write_json(path, {"suite": "routing", "split": split, "rows": rows, "table": table, "layers": layers or {}})
     return path
@@ -91,38 +58,59 @@ def own_expert_hits(captured: dict, expert: int) -> tuple[int, int]:
     return int((winners == expert).sum()), winners.numel()
 
 
-def routing_by_layer(run_dir, *, split: str = "val", rows: int = 8, composition=None) -> dict:
-    """Per domain of the composition: the mean gate per expert at the first, middle and last
-    layer (the paper's Figure 3), and the routing accuracy: the share of (router, token) pairs
-    whose largest gate is the domain's own expert. ``{}`` for a method with no router."""
-    from ..data.build import split_file
+def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None
+                   ) -> tuple[dict[str, dict[str, float]], dict]:
+    """``(table, layers)`` from one forward per prompt; ``({}, {})`` for a method with no router.
+
+    ``table``: ``{prompt domain: {routed expert: mean gate}}`` over every router and token, for
+    each domain of the composition and the general domain. ``layers``: per domain of the
+    composition, the mean gate per expert at the first, middle and last layer (the paper's
+    Figure 3), and the routing accuracy: the share of (router, token) pairs whose largest gate is
+    the domain's own expert. ``composition``: the run's ``(model, tokenizer)`` if already loaded.
+    Only the gates are read, so the forward computes no logits but the last position's."""
+    from tqdm.auto import tqdm
+
+    from ..data.build import load_manifest, split_file
     from ..data.formatting import prompt_ids
     from ..data.schema import read_split
-    from ..experts import spec_of
+    from ..experts import routing_weights, spec_of
     from ..experts.inject import routers
+
+    from transformers.utils import logging as hf_logging
 
     manifest = read_manifest(run_dir)
     if not manifest["router"]:
-        return {}
+        return {}, {}
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar helps nobody here
     model, tokenizer = composition or load_composition(run_dir)
+    data_dir = manifest["data"]["dir"]
+    built = load_manifest(data_dir)["domains"]
     names = spec_of(model).routed_names()
     layer_of = {path: int(re.search(r"layers\.(\d+)\.", path).group(1)) for path in routers(model)}
     layers = sorted(set(layer_of.values()))
     picked = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
-    result = {"experts": names, "layers": picked, "domains": {}}
+    table, by_layer = {}, {}
+    domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
     with torch.no_grad(), captured_gates(model) as captured:
-        for domain in [d for d in manifest["domains"] if d in names]:
+        for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
+            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
+            sums: dict[str, float] = {}
             per_layer = {key: torch.zeros(len(names)) for key in picked}
             hits = total = 0
-            prompts = read_split(split_file(manifest["data"]["dir"], domain, split)).column("prompt").to_pylist()[:rows]
             for prompt in prompts:
                 captured.clear()
-                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                model(torch.tensor([prompt_ids(tokenizer, prompt)]), logits_to_keep=1, use_cache=False)
+                for expert, weight in routing_weights(model).items():
+                    sums[expert] = sums.get(expert, 0.0) + weight / len(prompts)
+                if domain not in names:  # the general domain has no expert of its own
+                    continue
                 for key, layer in picked.items():
                     gates = [g[0] for path, calls in captured.items() if layer_of[path] == layer for g in calls]
                     per_layer[key] += torch.cat(gates).float().mean(dim=0) / len(prompts)
                 row_hits, row_pairs = own_expert_hits(captured, names.index(domain))
                 hits, total = hits + row_hits, total + row_pairs
-            result["domains"][domain] = {"accuracy": hits / total,
-                                         **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
-    return result
+            table[domain] = sums
+            if domain in names:
+                by_layer[domain] = {"accuracy": hits / total,
+                                    **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
+    return table, {"experts": names, "layers": picked, "domains": by_layer}

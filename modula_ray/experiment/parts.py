@@ -117,7 +117,7 @@ def do_tune(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
 def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..compose import read_manifest
     from ..evaluation.report import save_results
-    from ..evaluation.routing import routing_by_domain, routing_by_layer, save_routing
+    from ..evaluation.routing import routing_tables, save_routing
     from ..evaluation.lm import ModulaLM
     from ..evaluation.run import run_suite
 
@@ -126,9 +126,9 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     for suite in part.suites:
         save_results(run_dir, suite, run_suite(run_dir, suite, limit=exp.eval.limit, with_base=False, model=model))
     if read_manifest(run_dir)["router"]:
-        rows, loaded = exp.eval.routing_rows, (model.model, model.tokenizer)
-        save_routing(run_dir, routing_by_domain(run_dir, rows=rows, composition=loaded), split="val", rows=rows,
-                     layers=routing_by_layer(run_dir, rows=rows, composition=loaded))
+        rows = exp.eval.routing_rows
+        table, layers = routing_tables(run_dir, rows=rows, composition=(model.model, model.tokenizer))
+        save_routing(run_dir, table, split="val", rows=rows, layers=layers)
     return {"suites": list(part.suites)}
 
 

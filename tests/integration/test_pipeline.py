@@ -115,6 +115,28 @@ def test_eval_routing_prints_and_saves_the_table(tiny_run):
         assert 0 <= domain["accuracy"] <= 1
         assert all(sum(domain[key]) == pytest.approx(1.0, abs=2e-3) for key in ("first", "middle", "last"))
     assert "routing accuracy" in out.stdout
+    # Reference: a plain full forward per prompt (every position's logits), read as routing_weights
+    # and own_expert_hits; routing_tables reads both from one forward with only the last logits.
+    from modula_ray.data.build import split_file
+    from modula_ray.data.formatting import prompt_ids
+    from modula_ray.data.schema import read_split
+    from modula_ray.evaluation.routing import captured_gates, own_expert_hits
+
+    model, tokenizer = load_composition(run_dir)
+    data_dir = read_manifest(run_dir)["data"]["dir"]
+    for index, domain in enumerate(["math", "code"]):
+        prompts = read_split(split_file(data_dir, domain, "val")).column("prompt").to_pylist()[:4]
+        mean, hits, pairs = {}, 0, 0
+        with torch.no_grad(), captured_gates(model) as captured:
+            for prompt in prompts:
+                captured.clear()
+                model(torch.tensor([prompt_ids(tokenizer, prompt)]))
+                for expert, weight in routing_weights(model).items():
+                    mean[expert] = mean.get(expert, 0.0) + weight / len(prompts)
+                row_hits, row_pairs = own_expert_hits(captured, index)
+                hits, pairs = hits + row_hits, pairs + row_pairs
+        assert saved["table"][domain] == pytest.approx(mean, abs=1e-5)
+        assert layers["domains"][domain]["accuracy"] == pytest.approx(hits / pairs, abs=1e-9)
 
 
 def test_rerun_does_nothing_unless_forced(tiny_run):
