@@ -149,8 +149,11 @@ def _run(parts: list[Part], exp, out: Path, config_file, stream, judge: JudgeEnd
         for part in admit(ready, [p for p, _ in running.values()], slots=exp.max_parallel - len(running),
                           total_cpus=total_cpus, need=need):
             todo.remove(part)
-            if part.kind == "judge":
-                judge.ensure()
+            if part.kind == "judge" and not judge.ensure():
+                failed[part.key] = judge.error
+                print(f"[experiment {_clock(time.time() - first)}] FAILED {part.key}: {judge.error}",
+                      file=stream, flush=True)
+                continue
             cpus = need(part) if part.kind in KINDS_ON_CPUS else 0
             ref = remote.options(num_cpus=cpus, memory=TASK_MEMORY, name=part.key).remote(
                 part, exp, str(out), str(config_file), max(1, int(round(cpus or 1))))
@@ -189,14 +192,26 @@ def part_records(parts: list[Part], out: Path) -> dict[str, dict]:
 class JudgeEndpoint:
     """The judge for the judge parts: ``MODULA_RAY_JUDGE_URL`` if set, else the base model served
     on 127.0.0.1:8000 by Ray Serve, started when the first judge part starts and shut down when
-    the last one ends (Serve's controller and proxy would otherwise poll for the whole run)."""
+    the last one ends (Serve's controller and proxy would otherwise poll for the whole run). If
+    Serve does not start, every judge part fails with ``error`` and the other parts go on."""
 
     def __init__(self, exp):
-        self.model, self.up = exp.eval.judge_model, False
+        self.model, self.up, self.error = exp.eval.judge_model, False, None
 
-    def ensure(self) -> None:
+    def ensure(self) -> bool:
+        """True once the judge can be asked; False (``error`` says why) if it could not start."""
         if self.up or os.environ.get("MODULA_RAY_JUDGE_URL"):
-            return
+            return True
+        if self.error is None:
+            try:
+                self._start()
+            except Exception as exc:  # noqa: BLE001 - any start failure fails the judge parts alone
+                self.close()
+                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                self.error = f"the judge {self.model!r} did not start on Ray Serve: {reason}"
+        return self.error is None
+
+    def _start(self) -> None:
         from ray import serve
 
         from ..serve.app import build_app

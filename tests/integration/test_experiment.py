@@ -110,6 +110,33 @@ def test_a_rerun_recomputes_nothing_and_a_failed_part_stops_only_its_dependents(
     assert [len(i["ran"]) for i in invocations] == [13, 0, 2] and invocations[1]["failed"] == ["seed0/modula_res/add"]
 
 
+def test_a_judge_that_does_not_start_fails_the_judge_parts_alone(experiment):
+    import io
+
+    import ray
+
+    from modula_ray.experiment.config import load_experiment
+    from modula_ray.experiment.parts import plan
+    from modula_ray.experiment.runner import run_parts
+
+    config, out, *_ = experiment
+    judged = sorted((out / "parts").glob("*__judge.json"))
+    kept = {p: p.read_bytes() for p in judged}
+    for marker in judged:
+        marker.unlink()
+    exp = load_experiment(config, ["eval.judge_limit=1", "eval.judge_model=no-such-model"])
+    stream = io.StringIO()
+    try:
+        result = run_parts(plan(exp), exp, out, config, stream=stream)
+    finally:
+        for marker, body in kept.items():
+            marker.write_bytes(body)
+    assert result["ran"] == [] and sorted(result["failed"]) == ["seed0/modula_res/judge", "seed0/molora/judge"]
+    assert all(m.startswith("the judge 'no-such-model' did not start on Ray Serve") for m in result["failed"].values())
+    assert stream.getvalue().count("FAILED seed0/") == 2 and "11 of 13 parts already done" in stream.getvalue()
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE" in a["name"]]
+
+
 def test_another_experiment_into_the_same_folder_is_refused(experiment):
     from modula_ray.cli import main
 
