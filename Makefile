@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 
 # The product tour on the embedded default (SmolLM2-135M-Instruct, in-process Ray, 2 CPU cores):
 # modula_res and the molora baseline trained on 4 domains, finance added to both, both and the base
-# model evaluated with lm-eval (first 8 items per task) into runs/demo/report.md; then Ray Serve
+# model evaluated with lm-eval (first 6 items per task) into runs/demo/report.md; then Ray Serve
 # serves modula_res+finance and the openai client asks it one question per domain. Rerunning skips
 # every finished part (rm -rf runs/demo to start over); ARGS reach the experiment, e.g. ARGS='--set eval.limit=16'.
 demo: install
