@@ -106,6 +106,12 @@ def _execute(part: Part, exp, out: str, config_file: str, threads: int) -> dict:
             "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "result": result}
 
 
+def last_line(exc: BaseException) -> str:
+    """An error's last line (a remote traceback ends with the exception), else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -172,7 +178,7 @@ def _run(parts: list[Part], exp, out: Path, config_file, stream, judge: JudgeEnd
         try:
             record = ray.get(finished[0])
         except Exception as exc:  # the part's traceback is in its log
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            message = last_line(exc)
             failed[part.key] = message
             print(f"[experiment {_clock(time.time() - first)}] FAILED {part.key}: {message} "
                   f"(log: {out / 'logs' / (part.slug + '.log')})", file=stream, flush=True)
@@ -207,8 +213,7 @@ class JudgeEndpoint:
                 self._start()
             except Exception as exc:  # noqa: BLE001 - any start failure fails the judge parts alone
                 self.close()
-                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                self.error = f"the judge {self.model!r} did not start on Ray Serve: {reason}"
+                self.error = f"the judge {self.model!r} did not start on Ray Serve: {last_line(exc)}"
         return self.error is None
 
     def _start(self) -> None:
