@@ -46,11 +46,11 @@ def free_port() -> int:
 def mixed_prompts(manifest: dict, tokenizer, window: int, args) -> tuple[list[str], list[str]]:
     """``args.requests`` prompts from the run's own rows (those ``eval`` reads), domains round-robin;
     rows whose tokens plus ``max_tokens`` overflow the context (``window``) are left out."""
-    from modula_ray.data.build import load_manifest, split_file
+    from modula_ray.data.build import read_datasets_json, split_file
     from modula_ray.data.schema import read_split
 
     data_dir = manifest["data"]["dir"]
-    built = load_manifest(data_dir)["domains"]
+    built = read_datasets_json(data_dir)["domains"]
     domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
     rows = {d: [p for p in read_split(split_file(data_dir, d, args.split)).column("prompt").to_pylist()
                 if len(tokenizer(p).input_ids) + args.max_tokens <= window] for d in domains}
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from modula_ray.compose import check_base, read_manifest
+    from modula_ray.compose import Manifest
     from modula_ray.fileio import atomic_write_json
     from modula_ray.serve.app import build_app
 
     run_dir = Path(args.run_dir).resolve()
-    manifest = read_manifest(run_dir)
-    base_folder = check_base(run_dir, manifest)
+    manifest = Manifest.read(run_dir)
+    base_folder = manifest.check_base()
     hf_logging.disable_progress_bar()
     tokenizer, config = AutoTokenizer.from_pretrained(base_folder), AutoConfig.from_pretrained(base_folder)
     window = getattr(config, "max_position_embeddings", None) or float("inf")  # what the server checks

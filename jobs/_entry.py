@@ -1,12 +1,9 @@
-"""Shared start of every job script: offline hubs, the uploaded package first on sys.path."""
-import os
+"""Shared start of every job script: the uploaded package first on sys.path, then ``modula-ray``'s
+``main`` (which sets the offline environment, ``modula_ray.ray_session.OFFLINE_ENV``)."""
 import shlex
 import sys
 from pathlib import Path
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` uploads it
 
 

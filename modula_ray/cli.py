@@ -28,6 +28,9 @@ def _evaluate_in_task(run_dir: str, args) -> dict:
 
     import ray
 
+    from .ray_session import use_offline_env
+
+    use_offline_env()  # a cluster node's worker may lack the driver's environment
     from .evaluation.commands import evaluate_run
 
     printed = io.StringIO()
@@ -43,7 +46,7 @@ def _eval_on_cluster(args) -> int:
     import ray
 
     from .evaluation.commands import side_by_side
-    from .train.session import connect_ray
+    from .ray_session import connect_ray
 
     connect_ray()
     task = ray.remote(_evaluate_in_task).options(num_cpus=args.cpus_per_run, scheduling_strategy="SPREAD")
@@ -70,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import ModulaError
+    from .ray_session import use_offline_env
 
+    use_offline_env()  # first: huggingface_hub reads it once, when a command imports transformers
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval" and len(args.runs) > 1 and os.environ.get("RAY_ADDRESS"):

@@ -6,13 +6,15 @@ the YAML file it came from. Saved YAML starts with the command that runs it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .experts import DEFAULT_TARGETS, method_class
+from .errors import ConfigError, require
+from .experts import METHODS, ExpertsConfig, config_keys, method_class
 
 
 def _type_name(hint) -> str:
@@ -130,54 +132,49 @@ def dump_config(obj, command: str) -> str:
     return f"# {command}\n" + yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
-def require(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field_name, message)
+@contextmanager
+def field_prefix(prefix: str, note: str = ""):
+    """Re-raise a ConfigError from inside with its field under ``prefix`` (``top_k`` -> ``experts.top_k``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}.{exc.field}", exc.message + note, source=exc.source) from None
 
 
-@dataclass
-class ExpertsConfig:
-    """Expert layer hyperparameters; the paper leaves these open, so they are ours (DESIGN §1)."""
+def _declaring_class(key: str) -> type | None:
+    """The config class that declares ``key`` (the most general one, for a key several methods share)."""
+    for config_class in dict.fromkeys(cls.config_class for cls in METHODS.values()):
+        for klass in reversed(config_class.__mro__):
+            if key in vars(klass).get("__annotations__", {}) and dataclasses.is_dataclass(klass):
+                return klass
+    return None
 
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    universal_rank: int = 16                 # r_u
-    domain_rank: int = 8                     # r_d
-    universal_alpha: float = 32.0            # s* = universal_alpha / r_u
-    domain_alpha: float = 16.0               # s  = domain_alpha / r_d
-    dropout: float = 0.0                     # on each A's input
-    top_k: int | None = None                 # None = dense softmax, as in the paper
-    temperature: float = 1.0                 # tau in softmax(W_R x / tau)
-    router_bias: bool = False
-    router_placement: str = "layer"          # layer: a router per adapted linear | block: one per transformer block
-    # mode (MoDE) only: its blocks are spans [start, end) of decoder layers; default mode_num_blocks spans of
-    # mode_block_layers layers, each ending a 1/mode_num_blocks part of the model
-    mode_blocks: list[list[int]] | None = None
-    mode_num_blocks: int = 3
-    mode_block_layers: int = 2
 
-    def __post_init__(self):
-        from .experts.placement import PLACEMENTS
+def experts_config(method: str, data, *, prefix: str = "experts") -> ExpertsConfig:
+    """``method``'s settings (its ``config_class``, in ``experts/methods/<m>.py``) from the flat
+    ``experts:`` mapping of a pipeline config (or a manifest).
 
-        require(bool(self.target_modules), "target_modules", "must name at least one module")
-        require(self.router_placement in PLACEMENTS, "router_placement",
-                f"must be one of {list(PLACEMENTS)}, got {self.router_placement!r}")
-        for name in ("universal_rank", "domain_rank"):
-            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("universal_alpha", "domain_alpha", "temperature"):
-            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or null, got {self.top_k}")
-        for name in ("mode_num_blocks", "mode_block_layers"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for i, span in enumerate(self.mode_blocks or []):
-            require(len(span) == 2 and 0 <= span[0] < span[1], f"mode_blocks[{i}]",
-                    f"a span is [start, end) with 0 <= start < end, got {span}")
-
-    def layer_kwargs(self) -> dict:
-        return {k: getattr(self, k) for k in ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha",
-                                              "dropout", "top_k", "temperature", "router_bias",
-                                              "router_placement", "mode_blocks", "mode_num_blocks",
-                                              "mode_block_layers")}
+    One file may serve several methods (``--set method=mode`` on a LoRA config), so the mapping may
+    also hold keys that only other methods have, e.g. the LoRA ranks beside MoDE's spans: each such
+    key is checked by the config class that declares it and is not part of this method's settings.
+    A key that no method has raises ConfigError with a suggestion."""
+    if isinstance(data, ExpertsConfig):
+        data = to_dict(data)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping, got {data!r}")
+    own = config_keys(method_class(method).config_class)
+    for key, value in data.items():
+        if key in own:
+            continue
+        owner = _declaring_class(key)
+        if owner is None:
+            known = sorted({k for cls in METHODS.values() for k in config_keys(cls.config_class)})
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"{prefix}.{key}", f"unknown field; {f'did you mean {close[0]!r}? ' if close else ''}"
+                                                 f"known: {known}")
+        from_dict(owner, {key: value}, prefix=prefix)
+    return from_dict(method_class(method).config_class, {k: v for k, v in data.items() if k in own}, prefix=prefix)
 
 
 @dataclass
@@ -224,7 +221,6 @@ class StageConfig:
     data_weights: dict[str, float] | None = None  # domain mix; None = as built
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     deepspeed: dict | None = None            # {zero_stage: 2|3, ...extra DeepSpeed config}
-    crash_at_step: int | None = None         # fault injection: rank 0 exits once here (resume tests)
     only_router: bool = False                # stage joint after stage 2 (mode): train the router/gates only
     compile: bool = False                    # torch.compile the forward (the first steps pay the compile)
 
@@ -278,7 +274,8 @@ class PipelineConfig:
     dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     max_failures: int = 0                    # ray.train.FailureConfig
     storage_path: str | None = None          # Ray Train storage; default RUN_DIR/ray (shared FS on clusters)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    # the method's settings: its config_class, built from a flat mapping by experts_config()
+    experts: typing.Any = None
     data: DataConfig = field(default_factory=DataConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
 
@@ -286,10 +283,13 @@ class PipelineConfig:
         from .data.sources import SOURCES
 
         method_class(self.method)  # ConfigError naming the field, with "did you mean"
+        self.experts = experts_config(self.method, self.experts)
         require(bool(self.domains), "domains", "name at least one domain")
         require(len(set(self.domains)) == len(self.domains), "domains", f"duplicates in {self.domains}")
         for name in self.domains + [self.data.general_domain] + list(self.stages.experts.domains):
             SOURCES.get(name, field="domains")
+        with field_prefix("experts"):
+            self.experts.check_routed(len(self.method_class.routed_names(self.domains)))
         require(self.data.general_domain not in self.domains, "data.general_domain",
                 f"{self.data.general_domain!r} trains the universal expert; it cannot also be a domain")
         require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", f"unknown dtype {self.dtype!r}")
@@ -322,6 +322,22 @@ class PipelineConfig:
             else:
                 merged[key] = value
         return from_dict(StageConfig, merged, prefix=f"stages.experts.domains.{domain}" if domain else "stages.experts")
+
+    def check_base_model(self) -> None:
+        """Check the experts against the base model before any worker starts: inject them into the
+        model built on the meta device from its config.json (module names and layer count, no
+        weights). A setting that does not fit (a target module the model lacks, MoDE spans past its
+        layers) raises ConfigError naming ``experts.<field>`` and the value."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .experts import inject
+        from .models import resolve_base
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_base(self.base_model)))
+        with field_prefix("experts", f" (base model {self.base_model})"):
+            inject(model, self.method, self.domains, self.experts)
 
     def torch_dtype_name(self, use_gpu: bool) -> str:
         return ("bfloat16" if use_gpu else "float32") if self.dtype == "auto" else self.dtype

@@ -14,6 +14,12 @@ class ConfigError(ModulaError, ValueError):
         super().__init__(f"{where}{field}: {message}")
 
 
+def require(condition: bool, field: str, message: str) -> None:
+    """``ConfigError(field, message)`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
 class ArtifactError(ModulaError, ValueError):
     """A saved artifact (expert, router, manifest) is missing, corrupt or mismatched."""
 
@@ -48,4 +54,9 @@ class ResourceUnavailableError(ModulaError, RuntimeError):
 
 
 class StageFailedError(ModulaError, RuntimeError):
-    """A training stage failed after its retries; names the stage and the Ray run."""
+    """A training stage failed after its retries; names the stage and the Ray run. ``cause``: the
+    one line of what failed, e.g. a worker's own ``ValueError: ...``."""
+
+    def __init__(self, message: str, *, cause: str | None = None):
+        self.cause = cause
+        super().__init__(message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -74,10 +75,9 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer():
-    """Byte-level BPE trained in-process (deterministic), with a ChatML chat template."""
+def train_tiny_bpe():
+    """Byte-level BPE (vocab 512) trained in-process on ``_tiny_corpus``: deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -85,8 +85,23 @@ def build_tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(_tiny_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    return core
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_bpe_json() -> str:
+    """``train_tiny_bpe`` once per process, kept as its JSON (immutable, so it is safe to share)."""
+    return train_tiny_bpe().to_str()
+
+
+def build_tiny_tokenizer():
+    """The tiny byte-level BPE (trained once per process) with a ChatML chat template; every call
+    returns a new tokenizer, so a caller may change its own."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_bpe_json()),
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -6,7 +6,7 @@ names ("did you mean ...") and every registered name.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from .errors import ConfigError
 
@@ -39,9 +39,6 @@ class Registry(Mapping):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
-
-    def where(self, predicate: Callable[[type], bool]) -> list[str]:
-        return [name for name in self.names() if predicate(self._entries[name])]
 
     def __getitem__(self, name: str) -> type:
         return self._entries[name]

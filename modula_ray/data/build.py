@@ -14,7 +14,7 @@ from ..fileio import atomic_dir, atomic_write_json, read_json, sha256_file
 from .schema import SPLITS, normalise_prompt, rows_to_table, split_of, validate_table
 from .sources import SIZES, SOURCES, Quota, get_source
 
-MANIFEST = "datasets.json"
+DATASETS_JSON = "datasets.json"
 SCHEMA_VERSION = 1
 
 
@@ -48,7 +48,7 @@ def write_parquet(table, path: Path) -> None:
 
 
 def build_datasets(size: str, seed: int, out, domains: list[str] | None = None, progress: bool = True) -> dict:
-    """Build the splits of ``domains`` (default: every registered source) into ``out``; return the manifest."""
+    """Build the splits of ``domains`` (default: every registered source) into ``out``; return what ``datasets.json`` holds."""
     from tqdm.auto import tqdm
 
     if size not in SIZES:
@@ -56,7 +56,7 @@ def build_datasets(size: str, seed: int, out, domains: list[str] | None = None, 
         raise ConfigError("size", f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     domains = list(domains or sorted(SOURCES))
     sources = {name: get_source(name) for name in domains}
-    manifest = {"schema_version": SCHEMA_VERSION, "seed": seed, "size": size, "domains": {}}
+    index = {"schema_version": SCHEMA_VERSION, "seed": seed, "size": size, "domains": {}}
     out = Path(out)
     with atomic_dir(out) as tmp:
         bar = tqdm(domains, desc=f"data build ({size}, seed {seed})", unit="domain", disable=not progress)
@@ -73,29 +73,29 @@ def build_datasets(size: str, seed: int, out, domains: list[str] | None = None, 
                 write_parquet(validate_table(rows_to_table(buckets[split]), path), path)
                 entry["splits"][split] = {"path": f"{name}/{split}.parquet", "rows": len(buckets[split]),
                                           "sha256": sha256_file(path)}
-            manifest["domains"][name] = entry
-        atomic_write_json(tmp / MANIFEST, manifest)
-    return manifest
+            index["domains"][name] = entry
+        atomic_write_json(tmp / DATASETS_JSON, index)
+    return index
 
 
-def load_manifest(data_dir) -> dict:
-    """Read ``datasets.json``; a missing or foreign file raises DataValidationError."""
-    path = Path(data_dir) / MANIFEST
-    manifest = read_json(path, error_cls=lambda p, m: DataValidationError(p, None, None, m))
-    if not isinstance(manifest, dict) or "domains" not in manifest:
+def read_datasets_json(data_dir) -> dict:
+    """Read ``DATA_DIR/datasets.json``; a missing or foreign file raises DataValidationError."""
+    path = Path(data_dir) / DATASETS_JSON
+    index = read_json(path, error_cls=lambda p, m: DataValidationError(p, None, None, m))
+    if not isinstance(index, dict) or "domains" not in index:
         raise DataValidationError(path, None, "domains", "not a modula-ray datasets.json")
-    return manifest
+    return index
 
 
 def split_file(data_dir, domain: str, split: str, check_hash: bool = True) -> Path:
-    """Path of one split, checked against the manifest's sha256 (a changed file is an error)."""
-    manifest = load_manifest(data_dir)
-    if domain not in manifest["domains"]:
-        raise DataValidationError(Path(data_dir) / MANIFEST, None, "domains",
-                                  f"no domain {domain!r}; built: {sorted(manifest['domains'])}")
+    """Path of one split, checked against ``datasets.json``'s sha256 (a changed file is an error)."""
+    index = read_datasets_json(data_dir)
+    if domain not in index["domains"]:
+        raise DataValidationError(Path(data_dir) / DATASETS_JSON, None, "domains",
+                                  f"no domain {domain!r}; built: {sorted(index['domains'])}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    entry = manifest["domains"][domain]["splits"][split]
+    entry = index["domains"][domain]["splits"][split]
     path = Path(data_dir) / entry["path"]
     if check_hash and path.is_file() and sha256_file(path) != entry["sha256"]:
         raise DataValidationError(path, None, None, "sha256 differs from datasets.json: the file was changed")

@@ -1,4 +1,4 @@
-"""``load_split``: the Parquet splits of a data folder as a ``ray.data.Dataset``.
+"""``mixed_ray_dataset``: the Parquet splits of a data folder as a ``ray.data.Dataset``.
 
 The only module of ``data/`` that touches Ray, and only inside the function. Files are read
 and validated through pyarrow (``read_split``), checked against ``datasets.json`` hashes,
@@ -13,13 +13,13 @@ from .schema import read_split
 
 
 def read_domains(data_dir, domains: list[str], split: str, weights: dict[str, float] | None = None, seed: int = 0):
-    """pyarrow Table of the mixed rows (what ``load_split`` wraps)."""
+    """pyarrow Table of the mixed rows (what ``mixed_ray_dataset`` wraps)."""
     tables = {d: read_split(split_file(data_dir, d, split)) for d in domains}
     return mix_tables(tables, weights, seed)
 
 
-def load_split(data_dir, domains: list[str], split: str, weights: dict[str, float] | None = None, *,
-               seed: int = 0, blocks: int = 8):
+def mixed_ray_dataset(data_dir, domains: list[str], split: str, weights: dict[str, float] | None = None, *,
+                      seed: int = 0, blocks: int = 8):
     import ray.data
 
     table = read_domains(data_dir, domains, split, weights, seed)

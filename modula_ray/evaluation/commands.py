@@ -4,17 +4,20 @@ With ``RAY_ADDRESS`` naming a cluster and several runs, each run is evaluated by
 (``modula_ray.cli``: this package stays Ray-free).
 
 ``routing``: the mean gate per routed expert on each domain's prompts (``RUN/eval/routing.json``).
-``domain`` / ``general``: the lm-eval suites (``run.SUITE_TASKS``) over each composition and its
+``domain`` / ``general``: the lm-eval suites (``run.suite_tasks()``) over each composition and its
 base model, merged into ``RUN/eval/results.json``; then ``RUN/eval/report.md`` (and, for several
 runs, a side-by-side report at ``--report``). ``judge``: the composition's and the base model's
 answers to the held-out e-commerce generation items, scored by a judge endpoint
 (``MODULA_RAY_JUDGE_URL``/``_MODEL``/``_KEY``; default ``modula-ray serve --base smollm2-135m``
-on 127.0.0.1:8000). ``all``: every suite.
+on 127.0.0.1:8000). ``all``: every suite. ``--list-tasks``: the task folder and its tasks, groups
+and suites.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..errors import ConfigError
 
 SUITES = ("routing", "domain", "general", "judge", "all")
 
@@ -52,10 +55,11 @@ def evaluate_run(run_dir, args) -> None:
     import logging
 
     from .report import save_results, write_report
-    from .run import SUITE_TASKS, run_suite
+    from .run import run_suite, suite_tasks
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # progress bars stay; per-task chatter goes
-    suites = ["routing", *SUITE_TASKS, "judge"] if "all" in args.suite else args.suite
+    tasks = suite_tasks()
+    suites = ["routing", *tasks, "judge"] if "all" in args.suite else args.suite
     for suite in suites:
         if suite == "routing":
             _routing(run_dir, args)
@@ -71,7 +75,7 @@ def evaluate_run(run_dir, args) -> None:
             entry = run_judge_suite(run_dir, limit=args.limit, config=config, rubric_name=args.rubric)
             print(f"saved {save_results(run_dir, 'judge', entry)}")
             continue
-        print(f"{run_dir}: suite {suite} ({', '.join(SUITE_TASKS[suite])})"
+        print(f"{run_dir}: suite {suite} ({', '.join(tasks[suite])})"
               + (f", --limit {args.limit}" if args.limit else ""), flush=True)
         print(f"saved {save_results(run_dir, suite, run_suite(run_dir, suite, limit=args.limit, seed=args.seed))}")
     if suites != ["routing"]:
@@ -89,9 +93,25 @@ def side_by_side(args) -> None:
         print(f"saved {write_report(args.runs, out)}")
 
 
+def list_tasks() -> None:
+    """The task folder (for ``lm_eval --include_path``), every task and group, and the suites."""
+    from .run import read_task_yamls, suite_tasks, tasks_dir
+
+    print(f"lm-eval tasks in {tasks_dir()}")
+    for name, config in sorted(read_task_yamls().items()):
+        print(f"  {name}" + (f" = {', '.join(config['task'])}" if "group" in config else ""))
+    for suite, tasks in suite_tasks().items():
+        print(f"--suite {suite}: {', '.join(tasks)}")
+
+
 def cmd_eval(args) -> int:
     """In the calling process, one run after another (``modula_ray.cli`` spreads several runs over
     a cluster's nodes as Ray tasks when ``RAY_ADDRESS`` names one)."""
+    if args.list_tasks:
+        list_tasks()
+        return 0
+    if not args.runs:
+        raise ConfigError("RUN_DIR", "name at least one run folder to evaluate (or --list-tasks)")
     for run_dir in args.runs:
         evaluate_run(run_dir, args)
     side_by_side(args)
@@ -107,7 +127,9 @@ def add_parser(commands) -> None:
                     "RUN/eval/report.md with the paper-style table). 'judge': rubric scores of the held-out "
                     "e-commerce generation items by a judge endpoint (MODULA_RAY_JUDGE_URL, _MODEL, _KEY; default: "
                     "modula-ray serve --base smollm2-135m on 127.0.0.1:8000). 'all': every suite.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders (hold manifest.json)")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished run folders (hold manifest.json)")
+    parser.add_argument("--list-tasks", action="store_true", help="print the lm-eval task folder, its tasks "
+                                                                  "and groups, and each suite's tasks; then exit")
     parser.add_argument("--suite", type=_suites, default=["routing"], metavar="|".join(SUITES),
                         help="what to evaluate, one or a comma-separated list (default: routing)")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval suites: the first N items of each task")

@@ -8,9 +8,13 @@
   pairwise result against the base model, and which judge scored;
 - **cost against quality** (``cost_quality.png``): each composition's training cost from its
   ledger (resource-seconds) against its domain Avg., the base model at zero.
+
+Avg. is defined once here (``domain_avg``) and the cost-against-quality figure drawn once here
+(``cost_quality_plot``); the experiment's report uses both.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -29,9 +33,28 @@ def save_results(run_dir, suite: str, entry: dict) -> Path:
     return path
 
 
-def _headline(metrics: dict) -> list[float | None]:
-    """The headline metric of each domain task (``None`` where the run has no such result)."""
-    return [metrics.get(task, {}).get(metric) for task, metric in HEADLINE.items()]
+def headlines(metrics: dict, tasks: list[str] | None = None) -> dict[str, float | None]:
+    """``{task: its headline metric (run.HEADLINE)}`` over ``tasks`` (default: the domain tasks
+    ``metrics`` holds); ``None`` where a task has no such result."""
+    tasks = [t for t in HEADLINE if t in metrics] if tasks is None else tasks
+    return {task: metrics.get(task, {}).get(HEADLINE[task]) for task in tasks}
+
+
+def domain_avg(scores: dict[str, float | None]) -> float | None:
+    """Avg. = ``sum_t m_t / T``, the unweighted mean of the ``T`` domain tasks' headline metrics
+    ``m_t`` (``headlines``); ``None`` unless every task has one."""
+    values = list(scores.values())
+    return statistics.fmean(values) if values and None not in values else None
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _fmt(value) -> str:
@@ -43,10 +66,8 @@ def domain_table(rows: list[tuple[str, dict]]) -> str:
     head = "| model | " + " | ".join(t.removeprefix("modula_") for t in HEADLINE) + " | Avg. |"
     lines = [head, "|---" * (len(HEADLINE) + 2) + "|"]
     for label, metrics in rows:
-        values = _headline(metrics)
-        present = [v for v in values if v is not None]
-        average = sum(present) / len(present) if present else None
-        lines.append(f"| {label} | " + " | ".join(map(_fmt, values)) + f" | {_fmt(average)} |")
+        values = headlines(metrics, list(HEADLINE)).values()
+        lines.append(f"| {label} | " + " | ".join(map(_fmt, values)) + f" | {_fmt(domain_avg(headlines(metrics)))} |")
     return "\n".join(lines)
 
 
@@ -80,11 +101,7 @@ def judge_table(rows: list[tuple[str, dict]]) -> str:
 def routing_plot(layers: dict, path: Path) -> Path:
     """The paper's Figure 3: for each domain's items, the mean gate per expert at the first,
     middle and last layer (one row of bar charts per domain)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     domains, experts = list(layers["domains"]), layers["experts"]
     figure, axes = plt.subplots(len(domains), 3, figsize=(9, 2.2 * len(domains)), squeeze=False, sharey=True)
     for row, domain in enumerate(domains):
@@ -101,38 +118,36 @@ def routing_plot(layers: dict, path: Path) -> Path:
     return path
 
 
-def average(metrics: dict) -> float | None:
-    values = [v for v in _headline(metrics) if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def cost_quality_plot(points: list[tuple[str, float, float]], path: Path) -> Path:
-    """Resource-seconds of training against the domain Avg., one labelled point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.5, 4))
-    for label, cost, quality in points:
-        axes.scatter([cost], [100 * quality])
-        axes.annotate(label, (cost, 100 * quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+def cost_quality_plot(points: list[tuple[str, float, float, float]], path: Path,
+                      title: str = "cost against quality") -> list[tuple[str, float, float]]:
+    """One labelled point per ``(label, cost, Avg., spread)``: training resource-seconds from the
+    ledger against the domain Avg. (%), ± ``spread`` (the seeds' std; 0 for one run). Returns the
+    ``(label, cost, Avg. %)`` of every point drawn, read back from the figure."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4.2))
+    for label, cost, quality, spread in points:
+        axes.errorbar([cost], [100 * quality], yerr=[100 * spread], fmt="o", capsize=3)
+        axes.annotate(label, (cost, 100 * quality), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    drawn = []
+    for bar, note in zip(axes.containers, axes.texts):
+        (x,), (y,) = bar.lines[0].get_data()
+        drawn.append((note.get_text(), float(x), float(y)))
     axes.margins(0.25)  # room for the labels
-    axes.set_xlabel("training cost (resource-seconds, from the ledger)")
+    axes.set_xlabel("training cost (resource-seconds from the ledger)")
     axes.set_ylabel("domain Avg. (%)")
-    axes.set_title("cost against quality")
+    axes.set_title(title, fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return path
+    return drawn
 
 
 def write_report(run_dirs: list, out: Path | None = None) -> Path:
     """The report of one run (``RUN/eval/report.md``) or of several side by side (``out``)."""
-    from ..compose import read_manifest
+    from ..compose import Manifest
 
-    runs = [(Path(r), read_manifest(r), read_json(Path(r) / "eval" / RESULTS)) for r in run_dirs]
+    runs = [(Path(r), Manifest.read(r), read_json(Path(r) / "eval" / RESULTS)) for r in run_dirs]
     out = Path(out) if out else runs[0][0] / "eval" / REPORT
     domain_rows, general_rows, points = [], [], []
     for run_dir, manifest, results in runs:
@@ -141,17 +156,17 @@ def write_report(run_dirs: list, out: Path | None = None) -> Path:
         general = results["suites"].get("general", {}).get("composition", {})
         domain_rows.append((label, domain))
         general_rows.append((label, general, domain))
-        if average(domain) is not None:
-            points.append((label, sum(r.get("resource_s", 0) for r in manifest["ledger"]), average(domain)))
-    first_manifest, first = runs[0][1], runs[0][2]["suites"]
+        points.append((label, sum(r.get("resource_s", 0) for r in manifest["ledger"]), domain_avg(headlines(domain))))
+    first_manifest, first_suites = runs[0][1], runs[0][2]["suites"]
     base = f"{first_manifest['base_model']['name']} (base alone)"
-    domain_rows.append((base, first.get("domain", {}).get("base", {})))
-    general_rows.append((base, first.get("general", {}).get("base", {}), first.get("domain", {}).get("base", {})))
-    if average(domain_rows[-1][1]) is not None:
-        points.append((base, 0.0, average(domain_rows[-1][1])))
-    limit = first.get("domain", {}).get("limit")
+    domain_rows.append((base, first_suites.get("domain", {}).get("base", {})))
+    general_rows.append((base, first_suites.get("general", {}).get("base", {}),
+                         first_suites.get("domain", {}).get("base", {})))
+    points.append((base, 0.0, domain_avg(headlines(domain_rows[-1][1]))))
+    points = [(label, cost, avg, 0.0) for label, cost, avg in points if avg is not None]
+    limit = first_suites.get("domain", {}).get("limit")
     parts = [f"# Evaluation: {', '.join(r[0].name for r in runs)}", "",
-             f"lm-eval over `eval/tasks`, chat template, greedy, seed {first.get('domain', {}).get('seed', 0)}"
+             f"lm-eval over `eval/tasks`, chat template, greedy, seed {first_suites.get('domain', {}).get('seed', 0)}"
              + (f", first {limit} items per task (`--limit`)" if limit else ", every test item") + ".", "",
              "## Domain tasks (%)", "", domain_table(domain_rows), "",
              "## General capability", "", general_table(general_rows), ""]
@@ -169,7 +184,7 @@ def write_report(run_dirs: list, out: Path | None = None) -> Path:
                   *[f"| {d} | {v['accuracy']:.2f} |" for d, v in layers["domains"].items()], "",
                   f"![mean gate per expert at the first, middle and last layer]({plot.name})", ""]
     if points:
-        plot = cost_quality_plot(points, out.parent / COST_PLOT)
-        parts += ["## Cost against quality", "", f"![cost against quality]({plot.name})", ""]
+        cost_quality_plot(points, out.parent / COST_PLOT)
+        parts += ["## Cost against quality", "", f"![cost against quality]({COST_PLOT})", ""]
     atomic_write_text(out, "\n".join(parts))
     return out

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..compose import load_composition, read_manifest
+from ..compose import RUN_CONFIG, Manifest, load_composition
+from ..config import PipelineConfig, load_config
 from ..fileio import atomic_write_json
 
 RESULT_FILE = "routing.json"
@@ -63,14 +64,15 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
     """``(table, layers)`` from one forward per prompt; ``({}, {})`` for a method with no router.
 
     ``table``: ``{prompt domain: {routed expert: mean gate}}`` over every router and token, for
-    each domain of the composition and the general domain. ``layers``: per domain of the
-    composition, the mean gate per expert at the first, middle and last layer (the paper's
-    Figure 3), and the routing accuracy: the share of (router, token) pairs whose largest gate is
-    the domain's own expert. ``composition``: the run's ``(model, tokenizer)`` if already loaded.
-    Only the gates are read, so the forward computes no logits but the last position's."""
+    each domain of the composition and the general domain (``data.general_domain`` of the run's
+    ``config.yaml``). ``layers``: per domain of the composition, the mean gate per expert at the
+    first, middle and last layer (the paper's Figure 3), and the routing accuracy: the share of
+    (router, token) pairs whose largest gate is the domain's own expert. ``composition``: the
+    run's ``(model, tokenizer)`` if already loaded. Only the gates are read, so the forward
+    computes no logits but the last position's."""
     from tqdm.auto import tqdm
 
-    from ..data.build import load_manifest, split_file
+    from ..data.build import read_datasets_json, split_file
     from ..data.formatting import prompt_ids
     from ..data.schema import read_split
     from ..experts import routing_weights, spec_of
@@ -78,19 +80,20 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
 
     from transformers.utils import logging as hf_logging
 
-    manifest = read_manifest(run_dir)
+    manifest = Manifest.read(run_dir)
     if not manifest["router"]:
         return {}, {}
     hf_logging.disable_progress_bar()  # one "Loading weights" bar helps nobody here
     model, tokenizer = composition or load_composition(run_dir)
     data_dir = manifest["data"]["dir"]
-    built = load_manifest(data_dir)["domains"]
+    built = read_datasets_json(data_dir)["domains"]
     names = spec_of(model).routed_names()
     layer_of = {path: int(re.search(r"layers\.(\d+)\.", path).group(1)) for path in routers(model)}
     layers = sorted(set(layer_of.values()))
     picked = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
     table, by_layer = {}, {}
-    domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]
+    general = load_config(PipelineConfig, Path(run_dir) / RUN_CONFIG).data.general_domain
+    domains = [d for d in list(manifest["domains"]) + [general] if d in built]
     with torch.no_grad(), captured_gates(model) as captured:
         for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
             prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]

@@ -1,8 +1,11 @@
 """What the lm-eval task YAMLs in ``eval/tasks/`` call (``!function modula_ray.evaluation.tasks.*``).
 
-Data comes from the test splits ``modula-ray data build`` wrote. The folder resolves at run time:
-``--metadata '{"data_dir": ...}'``, else ``MODULA_RAY_DATA`` (the ``modula`` model sets it from
-the run's manifest), else a clear error; nobody edits paths in the YAMLs.
+Data comes from the test splits ``modula-ray data build`` wrote. lm-eval hands every task its
+metadata, and the model's arguments with it, as keyword arguments of ``custom_dataset``; the folder
+is ``data_dir`` there (``evaluate_model(data_dir=)``, ``--metadata '{"data_dir": ...}'`` or
+``--model_args base=NAME,data_dir=...``), else the data folder in the manifest of ``run=RUN_DIR``,
+else a clear error. No environment variable: each evaluation names its own folder, and nobody
+edits paths in the YAMLs.
 
 Scoring, per task family:
 
@@ -16,7 +19,6 @@ Scoring, per task family:
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from ..errors import ConfigError
@@ -28,15 +30,26 @@ GENERAL_SUBJECTS = ("astronomy", "high school geography", "high school us histor
 GENERAL_PER_SUBJECT = 25
 
 
-def resolve_data_dir(data_dir: str | None = None) -> str:
-    folder = data_dir or os.environ.get("MODULA_RAY_DATA")
-    if not folder:
-        raise ConfigError("MODULA_RAY_DATA", "no data folder: use --model modula with run=RUN_DIR, set "
-                                             "MODULA_RAY_DATA, or pass --metadata '{\"data_dir\": ...}'")
-    return folder
+def data_dir_of(run_dir) -> str:
+    """The data folder a run was trained on, from its manifest."""
+    from ..compose import Manifest
+
+    return str(Manifest.read(run_dir)["data"]["dir"])
 
 
-def load_split(domain: str, split: str = "test", data_dir: str | None = None, kind: str | None = None, **_):
+def resolve_data_dir(data_dir: str | None = None, run: str | None = None) -> str:
+    """``data_dir``, else the data folder of the run ``run`` (the ``modula`` model's ``run=``)."""
+    if data_dir:
+        return str(data_dir)
+    if run:
+        return data_dir_of(run)
+    raise ConfigError("data_dir", "no data folder for the modula tasks: evaluate --model modula with "
+                                  "run=RUN_DIR, or name one: --metadata '{\"data_dir\": DIR}' (lm_eval), "
+                                  "--model_args base=NAME,data_dir=DIR, or evaluate_model(data_dir=DIR)")
+
+
+def load_domain_split(domain: str, split: str = "test", data_dir: str | None = None, kind: str | None = None,
+                      run: str | None = None, **_):
     """``DatasetDict({split: rows})`` of one built domain; ``kind`` keeps rows whose ``meta.task``
     (e-commerce) or ``meta.generator`` (reasoning-gym) or source prefix equals it."""
     import datasets
@@ -44,7 +57,7 @@ def load_split(domain: str, split: str = "test", data_dir: str | None = None, ki
     from ..data.build import split_file
     from ..data.schema import read_split
 
-    rows = read_split(split_file(resolve_data_dir(data_dir), domain, split)).to_pylist()
+    rows = read_split(split_file(resolve_data_dir(data_dir, run), domain, split)).to_pylist()
     if kind is not None:
         rows = [r for r in rows if kind in (_meta(r).get("task"), _meta(r).get("generator"), r["source"].split("/")[0])]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})

@@ -10,6 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ..evaluation.report import domain_avg, headlines
 from ..evaluation.run import HEADLINE
 from ..fileio import read_json
 
@@ -31,13 +32,12 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def scores_of(results: dict, tasks: list[str]) -> dict:
+def scores_of(suites: dict, tasks: list[str]) -> dict:
     """One evaluation's numbers: each task's headline, Avg. over ``tasks``, general, loss."""
-    domain = results.get("domain", {})
-    general = results.get("general", {}).get("modula_general", {})
-    out = {task: domain.get(task, {}).get(HEADLINE[task]) for task in tasks}
-    present = [v for v in out.values() if v is not None]
-    out["avg"] = statistics.fmean(present) if len(present) == len(tasks) else None
+    domain = suites.get("domain", {})
+    general = suites.get("general", {}).get("modula_general", {})
+    out = headlines(domain, tasks)
+    out["avg"] = domain_avg(out)
     out["general_acc"], out["general_acc_norm"] = general.get("acc"), general.get("acc_norm")
     out["domain_loss"] = domain.get("modula_domain_loss", {}).get("nll_per_byte")
     for task_name, metrics in domain.items():
@@ -76,8 +76,9 @@ def ledger_costs(run_dir: Path) -> dict:
 
 
 def gather(exp, out: Path) -> dict:
-    """``{"rows": {label: {"kind", "method", "seeds": {seed: scores}, "costs": {seed: {event: cost}}}},
-    "base": scores, "tasks": [...], "tasks_added": [...]}``."""
+    """``{"rows": {label: {"kind", "method", "variant", "seeds": {seed: scores}, "costs": {seed: {event:
+    cost}}}}, "base": scores, "tasks": [...], "tasks_added": [...]}``; a row's runs are the folders
+    ``parts.run_folder(seed, method, variant)``."""
     from .parts import run_folder
 
     tasks = tasks_of(exp.domains)
@@ -96,7 +97,7 @@ def gather(exp, out: Path) -> dict:
             if kind == "tuned" and method not in exp.tune.methods:
                 continue
             label = {"trained": method, "tuned": f"{method} (tuned router)", "added": f"{method} +{exp.add_domain}"}[kind]
-            row = {"kind": kind, "method": method, "seeds": {}, "costs": {}}
+            row = {"kind": kind, "method": method, "variant": suffix, "seeds": {}, "costs": {}}
             for seed in exp.seeds:
                 run_dir = out / run_folder(seed, method, suffix)
                 scores = run_scores(run_dir, row_tasks)
@@ -110,6 +111,13 @@ def gather(exp, out: Path) -> dict:
 
 def aggregate(row: dict, key: str) -> tuple[float | None, float | None]:
     return mean_std([scores.get(key) for scores in row["seeds"].values()])
+
+
+def training_cost(row: dict) -> float | None:
+    """Mean over the evaluated seeds of the resource-seconds of every event in the run's ledger
+    (its training, and the domain added or the router searched since)."""
+    return mean_std([sum(event["resource_s"] for event in costs.values())
+                     for seed, costs in row["costs"].items() if seed in row["seeds"]])[0]
 
 
 def item_stderr(scores: dict | None, tasks: list[str], limit: int | None, test_rows: dict[str, int]) -> float | None:

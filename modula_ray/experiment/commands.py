@@ -64,14 +64,17 @@ def _command_line() -> str:
 
 
 def cmd_paper(args) -> int:
+    from ..ray_session import connect_ray
     from .parts import plan
     from .report import write_experiment_report
-    from .runner import part_records, run_parts, start_ray
+    from .runner import part_records, run_parts
 
     exp, out = prepare(args)
     parts = plan(exp)
     started = time.time()
-    start_ray(out, args.num_cpus)
+    # --num-cpus above the cores keeps them busy while parts start up (a Train group holds its CPU while
+    # it loads the model); per-part seconds then include sharing a core.
+    connect_ray(out, num_cpus=args.num_cpus)
     # After ray.init, which installs its own SIGTERM handler: kill, Ctrl-C or SIGINT to a background
     # job stop cleanly (the caller's handlers come back when the command returns).
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}

@@ -152,9 +152,17 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def resolve(config_file, name: str) -> Path:
-    """A path named in the experiment file: absolute, or relative to that file's folder."""
+    """A path named in the experiment file: absolute, or relative to that file's folder; a bare
+    file name that is not there but ships in the package is the packaged file (the default search
+    spaces: ``tune.space: tune-router-paper.yaml`` works beside any experiment file)."""
+    from ..assets import asset
+
     path = Path(name)
-    return path if path.is_absolute() else Path(config_file).resolve().parent / path
+    if path.is_absolute():
+        return path
+    beside = Path(config_file).resolve().parent / path
+    packaged = asset(name) if path.name == name else None
+    return packaged if not beside.exists() and packaged and packaged.is_file() else beside
 
 
 def pipeline_config(exp: ExperimentConfig, config_file, method: str, seed: int, data_dir) -> PipelineConfig:

@@ -115,7 +115,7 @@ def do_tune(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
 
 
 def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
-    from ..compose import read_manifest
+    from ..compose import Manifest
     from ..evaluation.report import save_results
     from ..evaluation.routing import routing_tables, save_routing
     from ..evaluation.lm import ModulaLM
@@ -125,7 +125,7 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     model = ModulaLM(run=str(run_dir), batch_size=4)  # loaded once for every suite and the routing
     for suite in part.suites:
         save_results(run_dir, suite, run_suite(run_dir, suite, limit=exp.eval.limit, with_base=False, model=model))
-    if read_manifest(run_dir)["router"]:
+    if Manifest.read(run_dir)["router"]:
         rows = exp.eval.routing_rows
         table, layers = routing_tables(run_dir, rows=rows, composition=(model.model, model.tokenizer))
         save_routing(run_dir, table, split="val", rows=rows, layers=layers)
@@ -135,14 +135,13 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
 def do_base(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..config import PipelineConfig, load_config
     from ..evaluation.lm import ModulaLM
-    from ..evaluation.run import SUITE_TASKS, evaluate_model
+    from ..evaluation.run import evaluate_model, suite_tasks
     from ..fileio import atomic_write_json
     from .config import resolve
 
     name = load_config(PipelineConfig, resolve(config_file, exp.pipeline), exp.overrides).base_model
-    os.environ["MODULA_RAY_DATA"] = str(out / "data")
-    model = ModulaLM(base=name, batch_size=4)
-    suites = {suite: evaluate_model(model, SUITE_TASKS[suite], limit=exp.eval.limit)[0] for suite in part.suites}
+    model, tasks = ModulaLM(base=name, data_dir=str(out / "data"), batch_size=4), suite_tasks()
+    suites = {suite: evaluate_model(model, tasks[suite], limit=exp.eval.limit)[0] for suite in part.suites}
     atomic_write_json(out / part.run / "results.json", {"base_model": name, "limit": exp.eval.limit,
                                                          "suites": suites})
     return {"base_model": name}

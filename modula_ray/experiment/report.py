@@ -17,9 +17,10 @@ import platform
 import time
 from pathlib import Path
 
+from ..evaluation.report import domain_avg
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from .collect import aggregate, gather, item_stderr, mean_std, task_domain
-from .figures import cost_quality_plot, domain_avg_plot
+from .figures import write_figures
 
 PAPER_ADD_FRACTION = {"modula_flan": 0.198, "modula_res": 0.373}
 SHORT = {"modula_humaneval": "humaneval"}
@@ -134,8 +135,6 @@ def timing(records: dict) -> tuple[float, dict]:
 
 def write_experiment_report(exp, out: Path, records: dict, *, command: str = "") -> Path:
     """Write ``report.md``, ``results.json`` and the PNGs into ``out``; returns the report's path."""
-    from ..evaluation.report import routing_plot
-
     data = gather(exp, out)
     built = read_json(out / "data" / "datasets.json")["domains"] if (out / "data" / "datasets.json").is_file() else {}
     test_rows = {t: built.get(task_domain(t), {}).get("splits", {}).get("test", {}).get("rows", 0)
@@ -216,8 +215,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
               "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "
               "carry its contention; params × tokens and FLOPs do not.", "", *cost_lines, ""]
     parts += _tune_section(exp, rows, records, tasks)
-    figures = _figures(exp, out, data, trained, routing_plot)
-    parts += _routing_section(exp, rows, figures)
+    figures, cost_quality = write_figures(exp, out, data)
+    parts += _routing_section(exp, rows)
     parts += ["## Figures", "", *[f"![{name}]({path.name})" for name, path in figures.items()], ""]
     atomic_write_json(out / "results.json", {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
                                              "machine": {"platform": platform.platform(), "cpus": _cpus()},
@@ -225,7 +224,9 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
                                              "invocations": invocations, "task_s_by_kind": kinds,
                                              "tasks": tasks, "tasks_added": data["tasks_added"], "base": base,
                                              "base_added": data["base_added"], "rows": data["rows"],
-                                             "costs": cost_numbers, "verdicts": verdicts, "parts": records})
+                                             "costs": cost_numbers, "verdicts": verdicts, "parts": records,
+                                             "cost_quality": [{"label": label, "resource_s": cost, "avg_pct": avg}
+                                                              for label, cost, avg in cost_quality]})
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     return report
@@ -259,8 +260,7 @@ def _verdicts(exp, rows: dict, kind: str, base: dict | None, tasks: list[str], n
 
 def _with_old_avg(row: dict, tasks: list[str]) -> dict:
     for scores in row["seeds"].values():
-        old = [scores.get(t) for t in tasks]
-        scores["avg_old"] = sum(old) / len(old) if all(v is not None for v in old) else None
+        scores["avg_old"] = domain_avg({task: scores.get(task) for task in tasks})
     return row["seeds"]
 
 
@@ -292,52 +292,19 @@ def _tune_section(exp, rows: dict, records: dict, tasks: list[str]) -> list[str]
     return lines + [""]
 
 
-def _routing_section(exp, rows: dict, figures: dict) -> list[str]:
-    routed = [m for m in exp.methods if any("routing_accuracy" in s for s in rows[m]["seeds"].values())]
+def _routing_section(exp, rows: dict) -> list[str]:
+    """Routing accuracy on each of the experiment's domains, for every evaluated row with a router."""
+    routed = [label for label, row in rows.items() if any("routing_accuracy" in s for s in row["seeds"].values())]
     if not routed:
         return []
     lines = ["## Routing (Figure 3)", "", "Routing accuracy: the share of (router, token) pairs whose largest gate "
              "is the item's own domain expert, on validation prompts; chance is 1 / routed experts.", "",
-             "| method | " + " | ".join(exp.domains) + " |", "|---" * (len(exp.domains) + 1) + "|"]
-    for method in routed:
-        cells = [_num(*mean_std([s.get("routing_accuracy", {}).get(d) for s in rows[method]["seeds"].values()]),
+             "| model | " + " | ".join(exp.domains) + " |", "|---" * (len(exp.domains) + 1) + "|"]
+    for label in routed:
+        cells = [_num(*mean_std([s.get("routing_accuracy", {}).get(d) for s in rows[label]["seeds"].values()]),
                       digits=2) for d in exp.domains]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def _figures(exp, out: Path, data: dict, trained: list[str], routing_plot) -> dict[str, Path]:
-    rows, base, figures = data["rows"], data["base"], {}
-    bars = [(label, *aggregate(row, "avg")) for label, row in rows.items() if row["kind"] in ("trained", "tuned")]
-    bars = [(label, m, s or 0.0) for label, m, s in bars if m is not None]
-    if bars:
-        figures["domain Avg. per model"] = domain_avg_plot(bars, base and base["avg"], out / "domain_avg.png",
-                                                           f"domain tasks ({', '.join(exp.domains)})")
-    added = [(label, *aggregate(row, "avg")) for label, row in rows.items() if row["kind"] == "added"]
-    added = [(label, m, s or 0.0) for label, m, s in added if m is not None]
-    if added:
-        figures[f"after adding {exp.add_domain}"] = domain_avg_plot(
-            added, data["base_added"] and data["base_added"]["avg"], out / "domain_avg_added.png",
-            f"after adding {exp.add_domain}")
-    points = []
-    for method in trained:
-        mean, std = aggregate(rows[method], "avg")
-        cost = mean_std([c["pipeline"]["resource_s"] for c in rows[method]["costs"].values() if "pipeline" in c])[0]
-        if mean is not None and cost is not None:
-            points.append((method, cost, mean, std or 0.0))
-    if base and base["avg"] is not None:
-        points.append(("base model", 0.0, base["avg"], 0.0))
-    if points:
-        figures["cost against quality"] = cost_quality_plot(points, out / "cost_quality.png")
-    for method in ("modula_res", "modula_flan"):
-        if method in exp.methods:
-            for seed in exp.seeds:
-                routing = out / f"seed{seed}" / method / "eval" / "routing.json"
-                layers = read_json(routing).get("layers") if routing.is_file() else None
-                if layers and layers.get("domains"):
-                    figures[f"routing, {method} seed {seed}"] = routing_plot(layers, out / f"routing_{method}.png")
-                    break
-    return figures
 
 
 def _cpus() -> int:

@@ -13,7 +13,6 @@ queued behind a search would otherwise keep its trials waiting.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -27,24 +26,6 @@ from .parts import KINDS_ON_CPUS, WORK, Part
 # evaluation beside them on whatever CPU the worker groups leave.
 PRIORITY = {"train": 0, "add": 1, "tune": 2, "base": 3, "eval": 3, "judge": 4}
 TASK_MEMORY = 1536 * 2 ** 20  # bytes, logical: a part's process (SmolLM2, fp32, plus lm-eval)
-
-
-def start_ray(out: Path, num_cpus: float | None) -> None:
-    """Join the cluster (``train.session.connect_ray``), or start an in-process Ray; ``num_cpus``
-    sets its logical CPUs. More than the cores keeps them busy while parts start up (a Ray
-    Train group holds its CPU while it imports and loads the model); per-part seconds then
-    include sharing a core."""
-    import ray
-
-    from ..train.session import connect_ray
-
-    if num_cpus and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        # One machine has no node that a cloud can drain, so Train's preemption watcher (one more
-        # actor per fit, of about 30 a seed) has nothing to watch; a cluster keeps it.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus, log_to_driver=False, logging_level=logging.WARNING)
-        print(f"ray: started an in-process Ray with {num_cpus:g} logical CPUs on {os.cpu_count()} cores", flush=True)
-    connect_ray(out)
 
 
 def marker(out: Path, part: Part) -> Path:
@@ -83,12 +64,12 @@ def admit(ready: list[Part], running: list[Part], *, slots: int, total_cpus: flo
 
 def _execute(part: Part, exp, out: str, config_file: str, threads: int) -> dict:
     """Inside the Ray task: the part's work, its output in ``DIR/logs/<key>.log``."""
+    from ..ray_session import use_offline_env
+
+    use_offline_env()  # a cluster node's worker may lack the driver's environment
     import torch
 
     torch.set_num_threads(threads)
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(name, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = Path(out) / "logs" / f"{part.slug}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -7,16 +7,13 @@ The model carries an ``ExpertSpec`` in ``model.modula_spec``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .contract import METHODS, STAGE_TRAINS, STAGES, ExpertModule, method_class
-from .layer import wrap_linear
-from .placement import attach_block_routers, block_routers
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .contract import STAGE_TRAINS, STAGES, ExpertModule, ExpertsConfig, method_class
+from .placement import block_routers
 
 
 @dataclass
@@ -25,19 +22,19 @@ class ExpertSpec:
 
     method: str
     domains: list[str]
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    layer_kwargs: dict = field(default_factory=dict)
+    config: ExpertsConfig                    # the method's settings (its config_class)
 
     @property
     def method_class(self) -> type[ExpertModule]:
         return method_class(self.method)
 
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.config.target_modules)
+
     def routed_names(self) -> list[str]:
         """Router output order, as the method defines it (flan puts the universal expert first)."""
         return self.method_class.routed_names(self.domains)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check_domains(domains) -> list[str]:
@@ -52,51 +49,22 @@ def _check_domains(domains) -> list[str]:
     return domains
 
 
-def method_options(method: str, options: dict) -> dict:
-    """``options`` without the ``ExpertsConfig`` fields that only other methods read (a config holds
-    them all); anything else, a typo included, still reaches the method and fails there."""
-    own = set(method_class(method).options)
-    others = set().union(*(cls.options for cls in METHODS.values())) - own
-    return {k: v for k, v in options.items() if k not in others}
-
-
-def inject(model: nn.Module, method: str, domains, *, target_modules=DEFAULT_TARGETS, **layer_kwargs) -> nn.Module:
+def inject(model: nn.Module, method: str, domains, config: ExpertsConfig | None = None, **settings) -> nn.Module:
     """Put the method's experts into ``model`` in place: wrap every target linear (LoRA methods) or
-    spans of transformer blocks (``mode``); returns the model, base frozen, stage ``joint``."""
+    spans of transformer blocks (``mode``); returns the model, base frozen, stage ``joint``.
+
+    ``config`` is the method's settings (its ``config_class``), or pass them as keyword arguments;
+    a setting that does not fit the model raises ``ConfigError`` naming it."""
     cls = method_class(method)
     domains = _check_domains(domains)
-    layer_kwargs = method_options(method, layer_kwargs)
+    config = cls.configure(config, **settings)
+    config.check_routed(len(cls.routed_names(domains)))
     if getattr(model, "modula_spec", None) is not None:
         raise ValueError("model: experts are already injected into this model")
-    if cls.wraps == "blocks":
-        model.requires_grad_(False)
-        cls.inject_into(model, len(domains), **layer_kwargs)
-        model.modula_spec = ExpertSpec(method, domains, list(target_modules), dict(layer_kwargs))
-        return set_stage(model, "joint")
-    target_modules = list(target_modules)
-    if not target_modules:
-        raise ValueError("target_modules: empty")
-    found = {name: [] for name in target_modules}
-    for path, module in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in found and isinstance(module, nn.Linear):
-            found[leaf].append(path)
-    missing = [name for name, paths in found.items() if not paths]
-    if missing:
-        raise ValueError(f"target_modules: no nn.Linear named {missing} in {type(model).__name__}")
-
     model.requires_grad_(False)
-    for leaf, paths in found.items():
-        for path in paths:
-            parent_path, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            setattr(parent, attr, wrap_linear(getattr(parent, attr), method, len(domains), **layer_kwargs))
-    if layer_kwargs.get("router_placement", "layer") == "block":
-        attach_block_routers(model, expert_layers(model), len(method_class(method).routed_names(domains)),
-                             layer_kwargs)
-    model.modula_spec = ExpertSpec(method, domains, target_modules, dict(layer_kwargs))
-    set_stage(model, "joint")
-    return model
+    cls.inject_into(model, len(domains), config)
+    model.modula_spec = ExpertSpec(method, domains, config)
+    return set_stage(model, "joint")
 
 
 def expert_layers(model: nn.Module) -> dict[str, ExpertModule]:

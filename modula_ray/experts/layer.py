@@ -6,6 +6,7 @@ The LoRA methods (``lora``, ``molora``, ``modula_flan``, ``modula_res``) subclas
 ``rank_code(x)``      their maths as one LoRA of rank R: ``delta(x) = up c(x)``, the code ``c [T, R]``
                       holding every active expert's gated, scaled rank activations
 ``domain_reads``      what a domain expert reads: ``x`` (d_in) or ``h`` (d_out, res)
+``config_class``      ``LinearExpertsConfig`` (ranks, alphas, dropout, router; lora: ``LoraConfig``)
 ``part_tensors``      which tensors a saved part holds (domain tensors have the expert axis first)
 
 The forward is the same for all of them, ``y = (W0 x + b0).addmm_(c(x), up^T)``: the A matrices (and
@@ -28,81 +29,110 @@ joint      every adapter part          the full mixture
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import METHODS, PARTS, STAGE_TRAINS, STAGES, ExpertModule, method_class  # noqa: F401 (re-exported)
+from ..errors import require
+from .contract import METHODS, PARTS, ExpertModule, ExpertsConfig, method_class  # noqa: F401 (METHODS: re-exported)
 from .parts import LowRankExpert, StackedExperts
-from .placement import PLACEMENTS
+from .placement import PLACEMENTS, attach_block_routers
 from .router import Router
 
 
-def _positive(field: str, value, kinds=(int,)) -> None:
-    if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{field} must be a positive {'integer' if kinds == (int,) else 'number'}, got {value!r}")
+def _positive_int(config, name: str) -> None:
+    value = getattr(config, name)
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+            f"must be a positive integer, got {value!r}")
+
+
+@dataclass
+class LinearExpertsConfig(ExpertsConfig):
+    """The LoRA-shaped experts of ``molora``, ``modula_flan`` and ``modula_res`` (``lora``: its own
+    subclass); scaling is ``s = alpha / r`` (DESIGN §1)."""
+
+    universal_rank: int = 16                 # r_u
+    domain_rank: int = 8                     # r_d
+    universal_alpha: float = 32.0            # s* = universal_alpha / r_u
+    domain_alpha: float = 16.0               # s  = domain_alpha / r_d
+    dropout: float = 0.0                     # on each A's input
+    router_placement: str = "layer"          # layer: a router per adapted linear | block: one per transformer block
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("universal_rank", "domain_rank"):
+            _positive_int(self, name)
+        for name in ("universal_alpha", "domain_alpha"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.router_placement in PLACEMENTS, "router_placement",
+                f"must be one of {list(PLACEMENTS)}, got {self.router_placement!r}")
+
+    def target_paths(self, model: nn.Module) -> dict[str, list[str]]:
+        """``{target name: [module paths]}``: every ``nn.Linear`` of ``model`` named by ``target_modules``."""
+        found = {name: [] for name in self.target_modules}
+        for path, module in model.named_modules():
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in found and isinstance(module, nn.Linear):
+                found[leaf].append(path)
+        missing = [name for name, paths in found.items() if not paths]
+        require(not missing, "target_modules", f"no nn.Linear named {missing} in {type(model).__name__}")
+        return found
 
 
 class ExpertLinear(ExpertModule):
     """A frozen ``nn.Linear`` plus the method's LoRA-shaped experts: ``y = W0 x + delta(x)``."""
 
     domain_reads: ClassVar[str] = "x"            # res: A_i reads h (d_out), not x (d_in)
-    options = ("universal_rank", "domain_rank", "universal_alpha", "domain_alpha", "top_k", "temperature", "dropout",
-               "router_bias", "router_placement")
+    config_class = LinearExpertsConfig
 
-    def __init__(self, base: nn.Linear, n_domains: int, *, universal_rank: int = 16, domain_rank: int = 8,
-                 universal_alpha: float = 32, domain_alpha: float = 16, top_k: int | None = None,
-                 temperature: float = 1.0, dropout: float = 0.0, router_bias: bool = False,
-                 router_placement: str = "layer"):
+    def __init__(self, base: nn.Linear, n_domains: int, config: LinearExpertsConfig | None = None, **settings):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
-        _positive("n_domains", n_domains)
-        _positive("universal_rank", universal_rank)
-        _positive("domain_rank", domain_rank)
-        _positive("universal_alpha", universal_alpha, (int, float))
-        _positive("domain_alpha", domain_alpha, (int, float))
-        _positive("temperature", temperature, (int, float))
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if router_placement not in PLACEMENTS:
-            raise ValueError(f"router_placement must be one of {PLACEMENTS}, got {router_placement!r}")
-        if router_placement != "layer" and "router" not in self.parts:
-            raise ValueError(f"router_placement: method {self.method!r} has no router")
+        if not isinstance(n_domains, int) or isinstance(n_domains, bool) or n_domains < 1:
+            raise ValueError(f"n_domains must be a positive integer, got {n_domains!r}")
+        self.settings = s = self.configure(config, **settings)
         n_routed = len(self.routed_names(range(n_domains)))
-        if top_k is not None:
-            if "router" not in self.parts:
-                raise ValueError(f"top_k: method {self.method!r} has no router")
-            _positive("top_k", top_k)
-            if top_k > n_routed:
-                raise ValueError(f"top_k={top_k} exceeds the {n_routed} routed experts of {self.method!r}")
+        s.check_routed(n_routed)
 
         self.base = base.requires_grad_(False)
         self.n_domains = n_domains
-        self.layer_kwargs = dict(universal_rank=universal_rank, domain_rank=domain_rank,
-                                 universal_alpha=universal_alpha, domain_alpha=domain_alpha, top_k=top_k,
-                                 temperature=temperature, dropout=dropout, router_bias=router_bias,
-                                 router_placement=router_placement)
-        self.universal_scale = universal_alpha / universal_rank
-        self.domain_scale = domain_alpha / domain_rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.universal_scale = s.universal_alpha / s.universal_rank
+        self.domain_scale = s.domain_alpha / s.domain_rank
+        self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else nn.Identity()
         d_in, d_out = base.in_features, base.out_features
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.universal = LowRankExpert(d_in, d_out, universal_rank, **kw) if "universal" in self.parts else None
+        self.universal = LowRankExpert(d_in, d_out, s.universal_rank, **kw) if "universal" in self.parts else None
         d_read = d_out if self.domain_reads == "h" else d_in
-        self.domain = StackedExperts(n_domains, d_read, d_out, domain_rank, **kw) if "domain" in self.parts else None
-        self.router = (Router(d_in, n_routed, top_k=top_k, temperature=temperature, bias=router_bias, **kw)
-                       if "router" in self.parts and router_placement == "layer" else None)
+        self.domain = StackedExperts(n_domains, d_read, d_out, s.domain_rank, **kw) if "domain" in self.parts else None
+        self.router = (Router(d_in, n_routed, top_k=s.top_k, temperature=s.temperature, bias=s.router_bias, **kw)
+                       if "router" in self.parts and s.router_placement == "layer" else None)
         self.__dict__["shared_router"] = None  # placement 'block': the block's router (placement.py)
         if "router" in self.parts:  # see gate_ranks(); a buffer, so torch.compile sees a fixed tensor
-            scales = ([(universal_rank, self.universal_scale)] if "universal" in self.fixed_routed else []) + \
-                [(domain_rank, self.domain_scale)] * n_domains
-            self.register_buffer("gate_expansion", torch.block_diag(*[torch.full((1, r), s) for r, s in scales]).to(
+            scales = ([(s.universal_rank, self.universal_scale)] if "universal" in self.fixed_routed else []) + \
+                [(s.domain_rank, self.domain_scale)] * n_domains
+            self.register_buffer("gate_expansion", torch.block_diag(*[torch.full((1, r), v) for r, v in scales]).to(
                 **kw), persistent=False)
         self._fused: dict = {}                  # see fused()
         self.set_stage("joint")
+
+    @classmethod
+    def inject_into(cls, model: nn.Module, n_domains: int, config: LinearExpertsConfig) -> None:
+        """Replace every target ``nn.Linear`` of ``model`` by this method's layer; with
+        ``router_placement: block``, give each transformer block one router for its layers."""
+        layers = {}
+        for paths in config.target_paths(model).values():
+            for path in paths:
+                parent_path, _, attr = path.rpartition(".")
+                parent = model.get_submodule(parent_path)
+                layers[path] = cls(getattr(parent, attr), n_domains, config)
+                setattr(parent, attr, layers[path])
+        if config.router_placement == "block":
+            attach_block_routers(model, layers, len(cls.routed_names(range(n_domains))), config)
 
     # -- the contract: subclasses ----------------------------------------------------
     def rank_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
@@ -123,13 +153,12 @@ class ExpertLinear(ExpertModule):
 
     def part_hparams(self, part: str) -> dict:
         """Hyperparameters a saved ``part`` must share with the model it loads into."""
-        kw = self.layer_kwargs
+        s = self.settings
         if part == "universal":
-            return {"rank": kw["universal_rank"], "alpha": kw["universal_alpha"]}
+            return {"rank": s.universal_rank, "alpha": s.universal_alpha}
         if part == "domain":
-            return {"rank": kw["domain_rank"], "alpha": kw["domain_alpha"], "reads": self.domain_reads}
-        return {"top_k": kw["top_k"], "temperature": kw["temperature"], "bias": kw["router_bias"],
-                "placement": kw["router_placement"]}
+            return {"rank": s.domain_rank, "alpha": s.domain_alpha, "reads": self.domain_reads}
+        return {"top_k": s.top_k, "temperature": s.temperature, "bias": s.router_bias, "placement": s.router_placement}
 
     @classmethod
     def stack(cls, layers: list["ExpertLinear"], where: str = "layer") -> "ExpertLinear":
@@ -155,7 +184,7 @@ class ExpertLinear(ExpertModule):
             shapes = {k: tuple(t.shape[1:]) for k, t in other.domain.named_parameters()}
             if shapes != {k: tuple(t.shape[1:]) for k, t in first.domain.named_parameters()}:
                 raise ValueError(f"{where}: domain expert shapes differ ({shapes})")
-        stacked = cls(first.base, sum(layer.n_domains for layer in layers), **first.layer_kwargs)
+        stacked = cls(first.base, sum(layer.n_domains for layer in layers), first.settings)
         with torch.no_grad():
             if first.universal is not None:
                 universal = first.part_tensors("universal")
@@ -166,11 +195,6 @@ class ExpertLinear(ExpertModule):
         return stacked
 
     # -- shared -----------------------------------------------------------------------
-    @property
-    def mixing(self) -> bool:
-        """True when the router (the layer's own, or its block's) mixes the experts."""
-        return self.stage in ("router", "joint") and (self.router is not None or self.shared_router is not None)
-
     @property
     def dropping(self) -> bool:
         """True when dropout is on (training, p > 0): the A matrices read a dropped-out copy of x."""
@@ -245,6 +269,8 @@ class ExpertLinear(ExpertModule):
                 f"in={self.base.in_features}, out={self.base.out_features}")
 
 
-def wrap_linear(base: nn.Linear, method: str, n_domains: int, **layer_kwargs) -> ExpertLinear:
-    """Wrap one frozen linear layer with the experts of ``method`` (see DESIGN §1)."""
-    return method_class(method)(base, n_domains, **layer_kwargs)
+def wrap_linear(base: nn.Linear, method: str, n_domains: int, config: ExpertsConfig | None = None,
+                **settings) -> ExpertLinear:
+    """Wrap one frozen linear layer with the experts of ``method`` (see DESIGN §1): ``config`` (its
+    ``config_class``) or its settings as keyword arguments."""
+    return method_class(method)(base, n_domains, config, **settings)

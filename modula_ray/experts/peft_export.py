@@ -34,7 +34,7 @@ def export_peft(model, out_dir, *, part: str = "universal", domain: str | None =
         path, name = key.rsplit(".", 1)
         tensors[f"base_model.model.{path}.{PEFT_NAMES[name]}.weight"] = tensor.detach().to("cpu").contiguous()
     lora_config = LoraConfig(r=config["rank"], lora_alpha=config["alpha"], target_modules=list(spec.target_modules),
-                             lora_dropout=float(spec.layer_kwargs.get("dropout", 0.0)), bias="none", task_type="CAUSAL_LM",
+                             lora_dropout=float(spec.config.dropout), bias="none", task_type="CAUSAL_LM",
                              base_model_name_or_path=base_model_name_or_path)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -58,9 +58,9 @@ def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(getattr(block, NORM, None), nn.Module)}
 
 
-def attach_block_routers(model: nn.Module, layers: dict, n_routed: int, layer_kwargs: dict) -> dict[str, BlockRouter]:
+def attach_block_routers(model: nn.Module, layers: dict, n_routed: int, config) -> dict[str, BlockRouter]:
     """Give every block that holds adapted ``layers`` (``{path: ExpertLinear}``) one ``BlockRouter``
-    with the router settings of ``layer_kwargs`` (``top_k``, ``temperature``, ``router_bias``)."""
+    with the router settings of ``config`` (``top_k``, ``temperature``, ``router_bias``)."""
     blocks = transformer_blocks(model)
     owners = {path: _block_of(path, blocks) for path in layers}
     homeless = [p for p, b in owners.items() if b is None]
@@ -76,9 +76,8 @@ def attach_block_routers(model: nn.Module, layers: dict, n_routed: int, layer_kw
         weight = next(norm.parameters(), None)
         d_model = weight.shape[-1] if weight is not None else norm.normalized_shape[-1]
         like = next(iter(layers.values())).base.weight
-        router = BlockRouter(d_model, n_routed, top_k=layer_kwargs.get("top_k"),
-                             temperature=layer_kwargs.get("temperature", 1.0), bias=layer_kwargs.get("router_bias", False),
-                             dtype=like.dtype, device=like.device)
+        router = BlockRouter(d_model, n_routed, top_k=config.top_k, temperature=config.temperature,
+                             bias=config.router_bias, dtype=like.dtype, device=like.device)
         detach_block_router(block)
         block.router = router
         block.register_forward_pre_hook(router.forget)

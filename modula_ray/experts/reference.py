@@ -31,10 +31,10 @@ class Terms:
 
     def __init__(self, layer):
         self.p = dict(layer.named_parameters())
-        kw = layer.layer_kwargs
-        self.kw, self.n, self.stage = kw, layer.n_domains, layer.stage
-        self.s_u = kw["universal_alpha"] / kw["universal_rank"]
-        self.s_d = kw["domain_alpha"] / kw["domain_rank"]
+        s = self.settings = layer.settings
+        self.n, self.stage = layer.n_domains, layer.stage
+        self.s_u = s.universal_alpha / s.universal_rank
+        self.s_d = s.domain_alpha / s.domain_rank
         self.mixing = layer.mixing
         shared = layer.shared_router  # placement 'block': the gates read the block's normed input
         self.router = dict(shared.named_parameters()) if shared is not None else {
@@ -53,8 +53,8 @@ class Terms:
 
     def gates(self, x):
         source = x if self.router_input is None else self.router_input
-        return reference_gates(source, self.router["weight"], self.router.get("bias"), self.kw["top_k"],
-                               self.kw["temperature"])
+        return reference_gates(source, self.router["weight"], self.router.get("bias"), self.settings.top_k,
+                               self.settings.temperature)
 
 
 def reference_forward(layer, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ArtifactError
 from ..fileio import atomic_dir, atomic_write_json, read_json, sha256_file
+from .contract import PARTS
 from .inject import expert_layers, spec_of
 from .placement import block_routers
 
@@ -21,7 +22,6 @@ TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "modula-ray/part"
 FORMAT_VERSION = 1
-PARTS = ("universal", "domain", "router")
 ADDED_LATER = {"placement": "layer"}  # config keys parts saved before they existed read as this
 
 

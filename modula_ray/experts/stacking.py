@@ -42,8 +42,8 @@ def stack_experts(items: list, domains: list[str] | None = None):
         layer = _stack_layers([own_layer] + [m[path] for m in layer_maps[1:]], where=path)
         setattr(stacked_model.get_submodule(parent_path), attr, layer)
     spec = specs[0]
-    stacked_model.modula_spec = ExpertSpec(spec.method, domains, list(spec.target_modules), dict(spec.layer_kwargs))
-    if spec.layer_kwargs.get("router_placement") == "block":  # a new, larger router per block
+    stacked_model.modula_spec = ExpertSpec(spec.method, domains, spec.config)
+    if spec.method_class.wraps == "linear" and spec.config.router_placement == "block":  # a larger router per block
         attach_block_routers(stacked_model, expert_layers(stacked_model), len(spec.method_class.routed_names(domains)),
-                             spec.layer_kwargs)
+                             spec.config)
     return set_stage(stacked_model, "joint")

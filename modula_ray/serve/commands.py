@@ -18,7 +18,8 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
-    from ..compose import read_manifest
+    from ..compose import Manifest
+    from ..ray_session import connect_ray
     from .app import app_builder
     from .config import load_serve_config
 
@@ -28,8 +29,8 @@ def cmd_serve(args) -> int:
             **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
     app = app_builder({**app_args, "deployment": deployment})  # a typed ConfigError before Ray starts
     for run_dir in app_args.get("runs", []):
-        read_manifest(run_dir)  # and a clear ArtifactError
-    ray.init(log_to_driver=False, ignore_reinit_error=True)
+        Manifest.read(run_dir)  # and a clear ArtifactError
+    owns_ray = connect_ray(log_to_driver=False)
     signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own SIGTERM handler
     signal.signal(signal.SIGINT, _stop)   # also when started in the background, where SIGINT is ignored
     try:  # Ctrl-C at any point, even while the replicas start, shuts Serve and Ray down cleanly
@@ -43,7 +44,8 @@ def cmd_serve(args) -> int:
         print("shutting down", flush=True)
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     return 0
 
 

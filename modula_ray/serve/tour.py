@@ -23,11 +23,11 @@ def free_port() -> int:
 
 def domain_questions(run_dir) -> list[tuple[str, str]]:
     """``(domain, prompt)``: the first test prompt of each domain of the composition."""
-    from ..compose import read_manifest
+    from ..compose import Manifest
     from ..data.build import split_file
     from ..data.schema import read_split
 
-    manifest = read_manifest(run_dir)
+    manifest = Manifest.read(run_dir)
     return [(domain, read_split(split_file(manifest["data"]["dir"], domain, "test")).column("prompt")[0].as_py())
             for domain in manifest["domains"]]
 
@@ -47,18 +47,16 @@ def cmd_chat_tour(args) -> int:
     import ray
     from ray import serve
 
-    from ..compose import read_manifest
+    from ..compose import Manifest
+    from ..ray_session import connect_ray
     from .app import build_app
 
-    read_manifest(args.run)  # a clear ArtifactError before Ray starts
+    Manifest.read(args.run)  # a clear ArtifactError before Ray starts
     questions = domain_questions(args.run)
     name = args.run.rstrip("/").split("/")[-1]
     port = args.port or free_port()
-    for logger in ("ray", "ray.serve"):  # Ray's and Serve's INFO lines would bury the answers
-        logging.getLogger(logger).setLevel(logging.WARNING)
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines would bury the answers
+    owns_ray = connect_ray(log_to_driver=False)
     try:
         started = time.time()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -50,10 +50,10 @@ def cmd_add_domain(args) -> int:
 
 
 def cmd_cost(args) -> int:
-    from ..compose import read_manifest
+    from ..compose import Manifest
     from .ledger import compare, event_cost, format_ledger
 
-    manifest = read_manifest(args.run)
+    manifest = Manifest.read(args.run)
     events = [r["event"] for r in manifest["ledger"] if r["event"].startswith("add-domain:")]
     report = {"run": args.run, "method": manifest["method"]}
     if not args.json:
@@ -65,7 +65,7 @@ def cmd_cost(args) -> int:
     mine = event_cost(manifest["ledger"], event)
     report["add_domain"] = mine
     if args.against:
-        other = read_manifest(args.against)
+        other = Manifest.read(args.against)
         theirs = event_cost(other["ledger"], event)
         report.update(against=args.against, against_method=other["method"], baseline=theirs,
                       ratios=compare(mine, theirs))

@@ -2,25 +2,21 @@
 
 ``micro_step(batch, last)`` does forward + backward of one micro-batch (gradients averaged
 over ``grad_accum``); ``finish_step()`` clips, steps the optimizer and the LR schedule.
-LR: linear warmup over ``warmup_steps``, then cosine decay to 10% of ``lr``.
+LR: linear warmup over ``warmup_steps``, then cosine decay to 10% of ``lr`` (``schedule.lr_lambda``).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from ..objective import causal_lm_loss
+from .schedule import lr_lambda
 
 
-def lr_lambda(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
+def lr_schedule(optimizer, hp: dict):
+    """``LambdaLR`` over ``schedule.lr_lambda``: warmup, then cosine decay to 10% of ``lr``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp["warmup_steps"], hp["steps"]))
 
 
 class TorchEngine:
@@ -40,7 +36,7 @@ class TorchEngine:
         # fused: one kernel over all parameters; the default loops over them (1,050 tensors for SmolLM2
         # with 1 + 4 experts: 4x slower, docs/PERFORMANCE.md)
         self.optimizer = torch.optim.AdamW(self.params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(hp["warmup_steps"], hp["steps"]))
+        self.scheduler = lr_schedule(self.optimizer, hp)
 
     def micro_step(self, batch: dict, last: bool) -> dict:
         sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
@@ -82,7 +78,7 @@ class DeepSpeedEngine(TorchEngine):
         config.update(extra)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=self.params, config=config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp["warmup_steps"], hp["steps"])))
+            lr_scheduler=lambda optimizer: lr_schedule(optimizer, hp))
         self.model, self.module = self.ds, self.ds.module
         self.zero_stage = zero_stage
 

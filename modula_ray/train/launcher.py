@@ -5,7 +5,8 @@ folder (Ray Train V2 silently resumes a reused name, which we want only for the 
 attempt of the same stage), ``FailureConfig(max_failures)`` and the split as a Ray Dataset.
 Every worker sees the whole split (no Ray Data split) so the data order, and resume, are exact.
 The workers' output goes to ``RUN_DIR/logs/``; ``ProgressTail`` echoes their ``[stage]`` progress
-lines to the driver's terminal.
+lines to the driver's terminal. A failed fit raises ``StageFailedError`` whose first line carries the
+worker's own exception (``failure_cause``), not only Ray's "Training failed due to worker errors".
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from pathlib import Path
 
 from ..errors import StageFailedError
 from ..models import cache_dir
+from ..ray_session import OFFLINE_ENV
 from .ledger import make_record
 from .task import StageTask
 
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 otherwise logs every worker print() twice.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+WORKER_ENV = {**OFFLINE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_env() -> dict:
@@ -65,6 +66,27 @@ class ProgressTail:
                 print(line, flush=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def failure_cause(exc: BaseException) -> str:
+    """``Type: first line of the message`` of what made a fit fail. Ray Train's ``WorkerGroupError``
+    carries each failed rank's own exception in ``worker_failures`` (the lowest rank's is shown, with
+    how many more failed), its ``ControllerError`` the controller's in ``controller_failure``, and a
+    worker that died (``WorkerHealthCheckFailedError``) what the health check met there."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        more = f" (rank {rank}; {len(failures) - 1} more rank(s) failed)" if len(failures) > 1 else ""
+        return failure_cause(failures[rank]) + more
+    for inner in ("controller_failure", "health_check_failure"):
+        if isinstance(getattr(exc, inner, None), BaseException):
+            return failure_cause(getattr(exc, inner))
+    return _one_line(exc)
+
+
 def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_failures: int, event: str,
              callbacks: list | None = None):
     """Train one task; returns ``(ledger record, final metrics)``. ``callbacks``: Ray Train
@@ -73,11 +95,11 @@ def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_fai
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..data.ray_data import load_split
+    from ..data.ray_data import mixed_ray_dataset
     from .loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per stage instead
-    dataset = load_split(task.data_dir, task.data_domains, "train", task.data_weights, seed=task.seed)
+    dataset = mixed_ray_dataset(task.data_dir, task.data_domains, "train", task.data_weights, seed=task.seed)
     scaling = ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                             resources_per_worker=spec.resources_per_worker, accelerator_type=spec.accelerator_type,
                             label_selector=spec.node_labels)
@@ -96,11 +118,13 @@ def fit_task(task: StageTask, spec, *, run_name: str, storage_path: str, max_fai
         with ProgressTail(task):
             result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray raises several failure types
-        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {exc}; worker logs: "
-                               f"{Path(task.run_dir) / 'logs'}") from exc
+        cause = failure_cause(exc)
+        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {cause}; worker logs: "
+                               f"{Path(task.run_dir) / 'logs'}", cause=cause) from exc
     ended = time.time()
     if result.error is not None or not (result.metrics or {}).get("final_report"):
-        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {result.error or 'no final report'}")
+        cause = failure_cause(result.error) if result.error is not None else "no final report"
+        raise StageFailedError(f"stage {task.key} ({run_name}) failed: {cause}", cause=cause)
     metrics = dict(result.metrics)
     stage, _, domain = task.key.partition("/")
     record = make_record(stage=stage, domain=domain or None, event=event, metrics=metrics, spec=spec,
@@ -133,7 +157,8 @@ def fit_concurrently(jobs: list[dict], on_done) -> None:
         raise next(iter(failures.values()))
     if failures:
         error = StageFailedError(f"{len(failures)} of {len(jobs)} worker groups failed:\n" + "\n".join(
-            f"  {key}: {str(exc).splitlines()[0]}" for key, exc in sorted(failures.items())))
+            f"  {key}: {getattr(exc, 'cause', None) or _one_line(exc)}" for key, exc in sorted(failures.items()))
+            + f"\nworker logs: {Path(jobs[0]['task'].run_dir) / 'logs'}")
         error.failures = failures
         raise error
 

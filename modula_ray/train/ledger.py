@@ -23,8 +23,6 @@ The paper's pluggability metric for adding a domain is trainable params x traini
 """
 from __future__ import annotations
 
-LEDGER_STAGES = ("universal", "experts", "router", "joint")
-
 
 def training_flops(forward_params: int, trainable_params: int, tokens: int) -> int:
     return int((4 * forward_params + 2 * trainable_params) * tokens)

@@ -1,8 +1,10 @@
-"""``train_loop_per_worker``: the one loop every stage runs inside ``TorchTrainer``.
+"""``train_loop_per_worker``: the one loop every stage runs inside ``TorchTrainer``, in Ray-free parts.
 
-build model (inject + load parts + set_stage) -> read the split from Ray Data -> tokenise
--> restore the latest checkpoint if Ray restarted us -> train -> rank 0 saves the parts
-atomically -> final report. Every rank calls ``ray.train.report`` at the same steps.
+``setup`` (seed, build model: inject + load parts + set_stage, tokenise, engine) -> ``resume``
+from the latest checkpoint if Ray restarted us -> ``train_step`` until ``steps``, with a report
+(and every ``checkpoint_every`` steps a ``save_checkpoint``) -> ``finish``: rank 0 saves the
+parts atomically -> final report. Only ``train_loop_per_worker`` talks to Ray; every rank calls
+``ray.train.report`` at the same steps.
 
 The worker's stdout and stderr go to ``RUN_DIR/logs/<stage>.rank<r>.log``. Timing is taken
 here, where the work happens: the wall clock at the start of the first optimizer step and at
@@ -11,19 +13,21 @@ reduced over ranks to the earliest start and the latest end.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
-import random
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..compose import build_model
-from ..data.formatting import collate, encode_rows, pack
+from ..data.formatting import EncodeStats, collate, encode_rows, pack
 from ..experts import forward_parameter_count, save_part, trainable_parameters
 from ..experts.serialization import part_tensors, tensors_sha256
 from . import checkpointing
@@ -33,24 +37,60 @@ from .schedule import BatchSchedule
 from .task import StageTask
 
 
-def _seed_all(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (``transformers.set_seed`` does the same, but importing
+    it imports ``transformers.trainer_utils`` and with it peft: seconds in every Ray worker)."""
+    import random
+
+    import numpy as np
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _read_rows(shard) -> list[dict]:
-    """Every row of the split, sorted by id so Ray's delivery order cannot change the data order."""
-    rows = []
-    for batch in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
-        rows.extend(batch.select(["id", "prompt", "response"]).to_pylist())
-    return sorted(rows, key=lambda row: row["id"])
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last report."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    loss: float = 0.0
+    aux: float = 0.0
+    micro_batches: int = 0
 
 
-def _peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+@dataclass
+class TrainState:
+    """One worker's training. A checkpoint keeps ``step`` and ``counters`` (with the weights,
+    optimizer, LR schedule and RNG); ``window`` is what the next report averages."""
+
+    task: StageTask
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    examples: list
+    stats: EncodeStats
+    schedule: BatchSchedule
+    engine: object                 # engine.TorchEngine or engine.DeepSpeedEngine
+    params: dict[str, torch.Tensor]
+    trainable_params: int
+    forward_params: int
+    validate: Callable | None      # the task's validator: model -> metrics
+    step: int = 0
+    resumed_from: int | None = None
+    counters: dict = field(default_factory=lambda: {
+        "tokens": 0, "response_tokens": 0, "loss": float("nan"), "first_loss": None,
+        "train_started_at": None, "train_ended_at": None})
+    window: Window = field(default_factory=Window)
+    validation: dict = field(default_factory=dict)
+
+
+def _imported(reference: str):
+    """The object that ``"module:name"`` names."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _all_reduce(values: list[float], op: str, world: int, device) -> list[float]:
@@ -74,21 +114,110 @@ def _gather(value, world: int) -> list:
     return values
 
 
-def _redirect_output(task: StageTask, rank: int) -> None:
-    """This worker's stdout/stderr (ours, Ray's, DeepSpeed's, warnings) -> the run folder's logs."""
-    logs = Path(task.run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    handle = open(logs / f"{task.slug}.rank{rank}.log", "a", buffering=1)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os.dup2(handle.fileno(), 1)
-    os.dup2(handle.fileno(), 2)
+def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
+          device: torch.device = torch.device("cpu")) -> TrainState:
+    """Everything before the first step. ``rows``: the split's rows sorted by id. The seed comes
+    first, so every rank starts from the same adapter init."""
+    hp = task.hparams
+    seed_everything(task.seed)
+    model, tokenizer = build_model(task.base_model, task.method, task.domains, task.experts, load=task.load,
+                                   stage=task.stage, dtype=task.dtype)
+    model.to(device).train()
+    if hp.get("compile"):  # outputs equal eager's (tests/unit/test_layers.py); PERFORMANCE.md has the cost
+        model.forward = torch.compile(model.forward)
+
+    examples, stats = encode_rows(rows, tokenizer, task.max_length)
+    if rank == 0 and (stats.truncated or stats.dropped):
+        print(f"[{task.key}] tokenised: {stats.summary()}", flush=True)
+    if not examples:
+        raise ValueError(f"[{task.key}] no training example has a response token within "
+                         f"max_length={task.max_length}: {stats.summary()}; raise data.max_length")
+    if task.pack:
+        examples = pack(examples, task.max_length)
+    schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
+                             grad_accum=hp["grad_accum"], seed=task.seed)
+    params = trainable_parameters(model)
+    trainable, forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
+    engine = make_engine(model, params, hp, world, task.dtype)
+    validate = _imported(task.validator)(tokenizer, task) if task.validator else None
+    return TrainState(task=task, rank=rank, world=world, device=device, tokenizer=tokenizer, examples=examples,
+                      stats=stats, schedule=schedule, engine=engine, params=params, trainable_params=trainable,
+                      forward_params=forward, validate=validate)
 
 
-def _saved_digests(task: StageTask, module) -> dict[str, str]:
-    """sha256 of each part this task saves, from the live (for ZeRO-3: gathered) weights."""
-    return {f"{ref.part}:{ref.domain}" if ref.domain else ref.part:
-            tensors_sha256(part_tensors(module, ref.part, ref.domain)) for ref in task.save}
+def train_step(state: TrainState) -> None:
+    """Optimizer step ``state.step``: its ``grad_accum`` micro-batches from the schedule, then clip,
+    step and advance the LR. Adds to the counters and the window; the first step done also sets
+    ``first_loss`` (step 1's batches under the initial weights, averaged over ranks)."""
+    hp, counters, window = state.task.hparams, state.counters, state.window
+    if counters["train_started_at"] is None:
+        counters["train_started_at"] = time.time()
+    for micro in range(hp["grad_accum"]):
+        batch = collate([state.examples[i] for i in state.schedule.indices(state.step, micro)],
+                        state.tokenizer.pad_token_id)
+        out = state.engine.micro_step({k: v.to(state.device) for k, v in batch.items()},
+                                      last=micro == hp["grad_accum"] - 1)
+        counters["tokens"] += out["input_tokens"]
+        counters["response_tokens"] += out["tokens"]
+        window.tokens += out["input_tokens"]
+        window.loss += out["ce"]
+        window.aux += out["aux"]
+        window.micro_batches += 1
+    state.engine.finish_step()
+    state.step += 1
+    counters["train_ended_at"] = time.time()
+    if counters["first_loss"] is None:
+        counters["first_loss"] = _all_reduce([window.loss / window.micro_batches], "SUM", state.world,
+                                             state.device)[0] / state.world
+
+
+def report_due(state: TrainState) -> tuple[bool, bool]:
+    """``(report, checkpoint)`` after this step: a report every ``log_every`` steps and at the last;
+    a checkpoint with it every ``checkpoint_every`` steps before the last (``finish`` saves the last)."""
+    hp, step = state.task.hparams, state.step
+    checkpoint = step % hp["checkpoint_every"] == 0 and step < hp["steps"]
+    return checkpoint or step % hp["log_every"] == 0 or step == hp["steps"], checkpoint
+
+
+def window_metrics(state: TrainState) -> dict:
+    """The report of the window: loss and aux (mean over its micro-batches, then over ranks), lr,
+    tokens/s, and the validator's metrics (run on every rank: its forward is collective under ZeRO-3)."""
+    window = state.window
+    loss, aux, tokens = _all_reduce([window.loss / window.micro_batches, window.aux / window.micro_batches,
+                                     window.tokens], "SUM", state.world, state.device)
+    elapsed = time.perf_counter() - window.started
+    metrics = {"step": state.step, "loss": loss / state.world, "aux": aux / state.world, "lr": state.engine.lr(),
+               "tokens_per_s": tokens / max(elapsed, 1e-9)}
+    if state.validate is not None:
+        state.validation = state.validate(state.engine.module)
+        metrics.update(state.validation)
+    state.counters["loss"] = metrics["loss"]
+    return metrics
+
+
+def save_checkpoint(state: TrainState, folder: Path) -> None:
+    """This rank's share of the checkpoint of ``state.step`` (``checkpointing.write``)."""
+    engine = state.engine
+    checkpointing.write(folder, rank=state.rank, step=state.step, counters=state.counters, params=state.params,
+                        optimizer=engine.optimizer, scheduler=engine.scheduler, engine=engine.ds)
+
+
+def resume(state: TrainState, folder: Path) -> None:
+    """Continue from the checkpoint in ``folder``: weights, optimizer, LR, RNG, step and counters."""
+    engine = state.engine
+    state.step, restored = checkpointing.restore(folder, rank=state.rank, params=state.params,
+                                                 optimizer=engine.optimizer, scheduler=engine.scheduler,
+                                                 engine=engine.ds)
+    state.counters.update(restored)
+    state.resumed_from = state.step
+    if state.rank == 0:
+        print(f"[{state.task.key}] resumed from step {state.step}", flush=True)
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _engine_name(engine) -> str:
@@ -100,138 +229,103 @@ def _engine_name(engine) -> str:
     return "ddp" if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel) else "torch"
 
 
-def _validator(task: StageTask, tokenizer):
-    """``StageTask.validator`` ("module:Class") built as ``Class(tokenizer, task)``, or None."""
-    if not task.validator:
-        return None
-    import importlib
-
-    module, _, name = task.validator.partition(":")
-    return getattr(importlib.import_module(module), name)(tokenizer, task)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-    from ray.train.torch import get_device
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker helps nobody
-    task = StageTask.from_dict(config["task"])
-    hp = task.hparams
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if task.log_to_files:
-        _redirect_output(task, rank)
-    torch.set_num_threads(hp["scaling"].get("torch_threads") or max(1, int(
-        (hp["scaling"].get("resources_per_worker") or {}).get("CPU", 1))))
-    device = get_device()
-    _seed_all(task.seed)  # identical adapter init on every rank
-    model, tokenizer = build_model(task.base_model, task.method, task.domains, task.experts, load=task.load,
-                                   stage=task.stage, dtype=task.dtype)
-    model.to(device).train()
-    if hp.get("compile"):  # outputs equal eager's (tests/unit/test_layers.py); PERFORMANCE.md has the cost
-        model.forward = torch.compile(model.forward)
-
-    examples, stats = encode_rows(_read_rows(ray.train.get_dataset_shard("train")), tokenizer, task.max_length)
-    if rank == 0 and (stats.truncated or stats.dropped):
-        print(f"[{task.key}] tokenised: {stats.summary()}", flush=True)
-    if not examples:
-        raise ValueError(f"[{task.key}] no training example has a response token within "
-                         f"max_length={task.max_length}: {stats.summary()}; raise data.max_length")
-    if task.pack:
-        examples = pack(examples, task.max_length)
-    schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
-                             grad_accum=hp["grad_accum"], seed=task.seed)
-    params = trainable_parameters(model)
-    n_trainable, n_forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
-    engine = make_engine(model, params, hp, world, task.dtype)
-    validate, validation = _validator(task, tokenizer), {}
-
-    step, resumed_from = 0, None
-    counters = {"tokens": 0, "response_tokens": 0, "loss": float("nan"), "first_loss": None,
-                "train_started_at": None, "train_ended_at": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            step, restored = checkpointing.restore(Path(folder), rank=rank, params=params,
-                                                   optimizer=engine.optimizer, scheduler=engine.scheduler,
-                                                   engine=engine.ds)
-        counters.update(restored)
-        resumed_from = step
-        if rank == 0:
-            print(f"[{task.key}] resumed from step {step}", flush=True)
-
-    observer, total = Observer(task, rank), hp["steps"]
-    window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
-    while step < total:
-        if counters["train_started_at"] is None:
-            counters["train_started_at"] = time.time()
-        for micro in range(hp["grad_accum"]):
-            batch = collate([examples[i] for i in schedule.indices(step, micro)], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = engine.micro_step(batch, last=micro == hp["grad_accum"] - 1)
-            counters["tokens"] += out["input_tokens"]
-            counters["response_tokens"] += out["tokens"]
-            window_tokens += out["input_tokens"]
-            loss_sum, aux_sum, micro_count = loss_sum + out["ce"], aux_sum + out["aux"], micro_count + 1
-        engine.finish_step()
-        step += 1
-        counters["train_ended_at"] = time.time()
-        if counters["first_loss"] is None:  # the loss of step 1's batches under the initial weights
-            counters["first_loss"] = _all_reduce([loss_sum / micro_count], "SUM", world, device)[0] / world
-        if hp.get("crash_at_step") == step and rank == 0:
-            marker = Path(task.run_dir) / f".crashed-{task.slug}-step{step}"
-            if not marker.exists():  # fault injection for resume tests: die once, hard
-                marker.touch()
-                # Ray Train's controller collects reports (and registers checkpoints) once per health
-                # check; die only after the last checkpoint had one, as a real crash later would.
-                time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
-                os._exit(1)
-        log_now, save_now = step % hp["log_every"] == 0 or step == total, step % hp["checkpoint_every"] == 0
-        if not (log_now or save_now):
-            continue
-        loss, aux, tokens = _all_reduce([loss_sum / micro_count, aux_sum / micro_count, window_tokens], "SUM",
-                                        world, device)
-        elapsed = time.perf_counter() - window_start
-        metrics = {"step": step, "loss": loss / world, "aux": aux / world, "lr": engine.lr(),
-                   "tokens_per_s": tokens / max(elapsed, 1e-9)}
-        if validate is not None:  # on every rank: the forward is collective under ZeRO-3
-            validation = validate(engine.module)
-            metrics.update(validation)
-        observer.log(step, total, metrics)
-        counters["loss"] = metrics["loss"]
-        if save_now and step < total:
-            with tempfile.TemporaryDirectory() as folder:
-                checkpointing.write(Path(folder), rank=rank, step=step, counters=counters, params=params,
-                                    optimizer=engine.optimizer, scheduler=engine.scheduler, engine=engine.ds)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics)
-        # the next window's tokens/s counts training only; train_s (the whole window) includes reports
-        window_start, window_tokens, loss_sum, aux_sum, micro_count = time.perf_counter(), 0, 0.0, 0.0, 0
-
-    if validate is not None and not validation:  # resumed after the last step: validate the final weights
-        validation = validate(engine.module)
-    with engine.full_parameters():
-        if rank == 0:
+def finish(state: TrainState, node_id: str) -> dict:
+    """After the last step: validate the final weights if no report did (resumed after the last
+    step), rank 0 saves the task's parts, and the final report's metrics (reduced over ranks;
+    ``rank_part_sha256`` and ``rank_nodes``, this worker's ``node_id``, per rank)."""
+    task, module, world, device = state.task, state.engine.module, state.world, state.device
+    if state.validate is not None and not state.validation:
+        state.validation = state.validate(module)
+    with state.engine.full_parameters():  # ZeRO-3: the gathered weights
+        if state.rank == 0:
             for ref in task.save:
-                save_part(engine.module, ref.part, ref.path, domain=ref.domain, metadata=task.metadata)
-        digests = _gather(_saved_digests(task, engine.module), world)
+                save_part(module, ref.part, ref.path, domain=ref.domain, metadata=task.metadata)
+        digests = _gather({f"{ref.part}:{ref.domain}" if ref.domain else ref.part:
+                           tensors_sha256(part_tensors(module, ref.part, ref.domain)) for ref in task.save}, world)
+    counters = state.counters
     tokens, response_tokens = _all_reduce([counters["tokens"], counters["response_tokens"]], "SUM", world, device)
     peak = _all_reduce([_peak_memory_mb(device)], "MAX", world, device)[0]
     started = _all_reduce([counters["train_started_at"]], "MIN", world, device)[0]
     ended = _all_reduce([counters["train_ended_at"]], "MAX", world, device)[0]
+    return {"step": state.step, "loss": counters["loss"], "first_loss": counters["first_loss"],
+            "tokens": int(tokens), "response_tokens": int(response_tokens),
+            "trainable_params": state.trainable_params, "forward_params": state.forward_params,
+            "peak_mem_mb": round(peak, 1), "examples": len(state.examples), "truncated": state.stats.truncated,
+            "dropped": state.stats.dropped, "train_started_at": started, "train_ended_at": ended,
+            "resumed_from_step": state.resumed_from, "engine": _engine_name(state.engine),
+            "rank_nodes": _gather(node_id, world), "rank_part_sha256": digests, **state.validation,
+            "final_report": True}
+
+
+def after_step_hook(task: StageTask) -> Callable[[TrainState], None]:
+    """``task.after_step`` (``{"call": "module:function", **kwargs}``, set only by tests) as ``hook(state)``."""
+    if not task.after_step:
+        return lambda state: None
+    kwargs = dict(task.after_step)
+    return functools.partial(_imported(kwargs.pop("call")), **kwargs)
+
+
+def _read_rows(shard) -> list[dict]:
+    """Every row of the split, sorted by id so Ray's delivery order cannot change the data order."""
+    rows = []
+    for batch in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
+        rows.extend(batch.select(["id", "prompt", "response"]).to_pylist())
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def _redirect_output(task: StageTask, rank: int) -> None:
+    """This worker's stdout/stderr (ours, Ray's, DeepSpeed's, warnings) -> the run folder's logs."""
+    logs = Path(task.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handle = open(logs / f"{task.slug}.rank{rank}.log", "a", buffering=1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What every Ray Train worker runs: the parts above around Ray's data shard, checkpoints and reports."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker helps nobody
+    task = StageTask.from_dict(config["task"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if task.log_to_files:
+        _redirect_output(task, rank)
+    scaling = task.hparams["scaling"]
+    torch.set_num_threads(scaling.get("torch_threads") or max(1, int(
+        (scaling.get("resources_per_worker") or {}).get("CPU", 1))))
+    state = setup(task, _read_rows(ray.train.get_dataset_shard("train")), rank=rank, world=world,
+                  device=get_device())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume(state, Path(folder))
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    after_step, observer, total = after_step_hook(task), Observer(task, rank), task.hparams["steps"]
+    while state.step < total:
+        train_step(state)
+        after_step(state)
+        due, with_checkpoint = report_due(state)
+        if due:
+            metrics = window_metrics(state)
+            observer.log(state.step, total, metrics)
+            report(metrics, with_checkpoint)
+            # the next window's tokens/s counts training only; train_s (the whole window) includes reports
+            state.window = Window()
+    final = finish(state, ray.get_runtime_context().get_node_id())
     observer.close()
-    final = {"step": step, "loss": counters["loss"], "first_loss": counters["first_loss"], "tokens": int(tokens),
-             "response_tokens": int(response_tokens), "trainable_params": n_trainable, "forward_params": n_forward,
-             "peak_mem_mb": round(peak, 1), "examples": len(examples), "truncated": stats.truncated,
-             "dropped": stats.dropped, "train_started_at": started, "train_ended_at": ended,
-             "resumed_from_step": resumed_from, "engine": _engine_name(engine),
-             "rank_nodes": _gather(ray.get_runtime_context().get_node_id(), world),
-             "rank_part_sha256": digests, **validation, "final_report": True}
-    with tempfile.TemporaryDirectory() as folder:
-        checkpointing.write(Path(folder), rank=rank, step=step, counters=counters, params=params,
-                            optimizer=engine.optimizer, scheduler=engine.scheduler, engine=engine.ds)
-        ray.train.report(final, checkpoint=Checkpoint.from_directory(folder))
+    report(final, with_checkpoint=True)

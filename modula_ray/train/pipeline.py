@@ -7,32 +7,28 @@ A run folder holds ``config.yaml`` (first line: the command), ``manifest.json``,
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-import uuid
 from pathlib import Path
 
-from ..compose import MANIFEST, SCHEMA_VERSION, check_lineage, composition_parts, read_manifest, write_manifest
+from ..compose import MANIFEST, ROUTER_SETTINGS, RUN_CONFIG, Manifest
 from ..config import PipelineConfig, dump_config, load_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..models import base_fingerprint, resolve_base
+from ..ray_session import connect_ray
 from .launcher import default_storage, fit_concurrently
 from .resources import check_groups
-from .session import connect_ray
 from .stages import STAGE_TASKS
 from .task import RunContext, StageTask
 
 DEPENDS = {"router": ("universal", "experts/"), "experts/": ("universal",), "joint": ("experts/",)}
-CONFIG_FILE = "config.yaml"
 
 
 def ensure_data(config: PipelineConfig, data_dir: Path, domains: list[str]) -> dict:
     """Reuse ``data_dir`` if it was built with the configured size and seed, else build it."""
-    from ..data.build import build_datasets, load_manifest
+    from ..data.build import DATASETS_JSON, build_datasets, read_datasets_json
 
-    if (data_dir / "datasets.json").is_file():
-        built = load_manifest(data_dir)
+    if (data_dir / DATASETS_JSON).is_file():
+        built = read_datasets_json(data_dir)
         if (built["size"], built["seed"]) != (config.data.size, config.data.seed):
             raise ConfigError("data", f"{data_dir} was built with size {built['size']} seed {built['seed']}, the "
                                       f"config asks for size {config.data.size} seed {config.data.seed}")
@@ -41,30 +37,29 @@ def ensure_data(config: PipelineConfig, data_dir: Path, domains: list[str]) -> d
         built = build_datasets(config.data.size, config.data.seed, data_dir)
     missing = [d for d in domains if d not in built["domains"]]
     if missing:
-        raise ConfigError("domains", f"{data_dir}/datasets.json has no {missing}")
+        raise ConfigError("domains", f"{data_dir}/{DATASETS_JSON} has no {missing}")
     return built
 
 
 def open_run(config: PipelineConfig, run_dir, *, command: str, write_config: bool = True
-             ) -> tuple[RunContext, dict]:
+             ) -> tuple[RunContext, Manifest]:
+    """The run's context and manifest (created if the folder holds none; saved by the ``Runner``)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     base = resolve_base(config.base_model)
     if (run_dir / MANIFEST).is_file():
-        manifest = read_manifest(run_dir)
+        manifest = Manifest.read(run_dir)
         if manifest["method"] != config.method:
             raise ConfigError("method", f"{run_dir} holds a {manifest['method']} run; the config says {config.method}")
     else:
-        manifest = {"schema_version": SCHEMA_VERSION, "run_id": uuid.uuid4().hex[:10], "method": config.method,
-                    "base_model": {"name": config.base_model, "path": base, "sha256": base_fingerprint(base)},
-                    "target_modules": list(config.experts.target_modules), "experts": to_dict(config.experts),
-                    "domains": {}, "universal": None, "router": None, "stages": {}, "ledger": []}
+        manifest = Manifest.create(run_dir, method=config.method, experts=to_dict(config.experts),
+                                   base_model={"name": config.base_model, "path": base,
+                                               "sha256": base_fingerprint(base)})
     data_dir = Path(config.data.dir).resolve() if config.data.dir else run_dir / "data"
-    built = ensure_data(config, data_dir, config.domains + [config.data.general_domain])
-    manifest["data"] = {"dir": str(data_dir), "size": built["size"], "seed": built["seed"]}
-    manifest["_train_sha"] = {d: e["splits"]["train"]["sha256"] for d, e in built["domains"].items()}
+    ensure_data(config, data_dir, config.domains + [config.data.general_domain])
+    manifest.record_data(data_dir)
     if write_config:
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(config, command))
+        atomic_write_text(run_dir / RUN_CONFIG, dump_config(config, command))
     run = RunContext(config=config, run_dir=str(run_dir), data_dir=str(data_dir), base_model=base,
                      base_sha256=manifest["base_model"]["sha256"], run_id=manifest["run_id"],
                      domains=list(config.domains))
@@ -74,7 +69,7 @@ def open_run(config: PipelineConfig, run_dir, *, command: str, write_config: boo
 def router_hyperparameters(experts, stage: dict, data_weights: dict | None) -> dict:
     """What the manifest records of a router: its layer settings (``ExpertsConfig``) and the
     optimisation of the stage that trained it (``StageConfig`` as a dict)."""
-    return {"top_k": experts.top_k, "temperature": experts.temperature, "router_placement": experts.router_placement,
+    return {**{k: getattr(experts, k) for k in ROUTER_SETTINGS},
             **{k: stage[k] for k in ("aux_loss_coef", "lr", "steps", "warmup_steps", "batch_size", "weight_decay")},
             "data_weights": data_weights}
 
@@ -82,7 +77,7 @@ def router_hyperparameters(experts, stage: dict, data_weights: dict | None) -> d
 class Runner:
     """Fits tasks for one run folder and keeps its manifest up to date after every stage."""
 
-    def __init__(self, run: RunContext, manifest: dict, *, force: bool, event: str):
+    def __init__(self, run: RunContext, manifest: Manifest, *, force: bool, event: str):
         self.run, self.manifest, self.force, self.event = run, manifest, force, event
         self.storage = run.config.storage_path or default_storage(run.run_dir)
 
@@ -101,50 +96,37 @@ class Runner:
 
     def fit(self, tasks: list[StageTask]) -> None:
         tasks = [t for t in tasks if self.stale(t.key)]
-        for task in tasks:
-            state = self.manifest["stages"].setdefault(task.key, {"attempt": 0})
-            if self.force or state.get("done"):
-                state["attempt"] += 1
-            state["attempt"] = max(state["attempt"], 1)
-            state.update(done=False, run_name=f"modula-{self.run.run_id}-{task.slug}-a{state['attempt']}")
+        run_names = {t.key: self.manifest.start_stage(t.key, t.slug, force=self.force) for t in tasks}
         if not tasks:
             return
         specs = {t.key: self.run.config.stage(t.stage, t.key.partition("/")[2] or None).scaling for t in tasks}
         for warning in check_groups([(k, s) for k, s in specs.items()]):
             print(f"warning: {warning}", flush=True)
-        self._save()
-        jobs = [dict(task=t, spec=specs[t.key], run_name=self.manifest["stages"][t.key]["run_name"],
+        self.manifest.save()
+        jobs = [dict(task=t, spec=specs[t.key], run_name=run_names[t.key],
                      storage_path=self.storage, max_failures=self.run.config.max_failures, event=self.event)
                 for t in tasks]
         fit_concurrently(jobs, self._record)
 
     def _record(self, job: dict, record: dict, metrics: dict) -> None:
-        task, manifest = job["task"], self.manifest
-        rel = lambda path: os.path.relpath(path, self.run.run_dir)  # noqa: E731
+        task, manifest, method = job["task"], self.manifest, self.run.config.method_class
         summary = {k: metrics[k] for k in ("loss", "tokens", "examples", "truncated", "dropped") if k in metrics}
         for ref in task.save:
             if ref.part == "universal":
-                manifest["universal"] = {"path": rel(ref.path), "metrics": summary}
+                manifest.record_universal(ref.path, summary)
             elif ref.part == "domain":
-                manifest["domains"][ref.domain] = {"path": rel(ref.path), "metrics": summary,
-                                                   "data_sha256": manifest["_train_sha"][ref.domain]}
+                manifest.record_domain(ref.domain, ref.path, summary)
             else:
-                routed = self.run.config.method_class.routed_names(task.domains)
-                manifest["router"] = {"path": rel(ref.path), "routed": routed, "hyperparameters": router_hyperparameters(
-                    self.run.config.experts, task.hparams, task.data_weights), "metrics": summary}
-        if "domain" not in self.run.config.method_class.parts:  # e.g. lora: the domains are only its data
+                manifest.record_router(ref.path, routed=method.routed_names(task.domains), metrics=summary,
+                                       hyperparameters=router_hyperparameters(self.run.config.experts, task.hparams,
+                                                                              task.data_weights))
+        if "domain" not in method.parts:  # e.g. lora: the domains are only its data
             for domain in task.domains:
-                manifest["domains"][domain] = {"path": None, "metrics": {},
-                                               "data_sha256": manifest["_train_sha"][domain]}
-        order = [d for d in self.run.domains if d in manifest["domains"]]  # router order, not finishing order
-        manifest["domains"] = {d: manifest["domains"][d] for d in order + sorted(set(manifest["domains"]) - set(order))}
-        manifest["ledger"].append(record)
-        manifest["stages"][task.key].update(done=True, finished_at=time.time(), event=self.event)
-        self._save()
-
-    def _save(self) -> None:
-        public = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
-        write_manifest(self.run.run_dir, public)
+                manifest.record_domain(domain, None, {})
+        manifest.order_domains(self.run.domains)  # router order, not finishing order
+        manifest.add_ledger([record])
+        manifest.finish_stage(task.key, self.event)
+        manifest.save()
 
 
 def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
@@ -156,8 +138,9 @@ def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
     return groups
 
 
-def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, command: str = "") -> dict:
+def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, command: str = "") -> Manifest:
     """Run every stage of ``config.method`` into ``run_dir``; returns the manifest."""
+    config.check_base_model()  # the experts fit the base model, before Ray or any worker starts
     connect_ray(run_dir)
     for name, spec in plan_groups(config):  # fail fast, before data or models are touched
         check_groups([(name, spec)])
@@ -166,22 +149,22 @@ def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, comman
     for stage in config.plan:
         print(f"== stage {stage} ==", flush=True)
         runner.fit(STAGE_TASKS[stage](run, run.domains))
-    return read_manifest(run.run_dir)
+    return Manifest.read(run.run_dir)
 
 
 def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", overrides: list[str] | None = None
-               ) -> dict:
+               ) -> Manifest:
     """Plug domain ``name`` into a finished run: modula trains one expert and the router; the
     baselines retrain their joint stage (their honest cost). Other experts stay byte-identical.
     ``overrides`` (``dotted.key=value``) change the run's config for this and later stages, e.g. the
     new expert's placement; they are recorded in config.yaml once the domain is in."""
     run_dir = Path(run_dir).resolve()
-    manifest = read_manifest(run_dir)
-    check_lineage(composition_parts(run_dir, manifest))  # the experts we keep must fit the universal
-    config = load_config(PipelineConfig, run_dir / CONFIG_FILE, overrides)
+    Manifest.read(run_dir).check_lineage()  # the experts we keep must fit the universal
+    config = load_config(PipelineConfig, run_dir / RUN_CONFIG, overrides)
     if name in config.domains and not force:
         raise ConfigError("domain", f"{name!r} is already in the composition {config.domains}")
     config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
+    config.check_base_model()  # the experts (with any overrides) fit the base model, before any worker starts
     command = command or f"modula-ray add-domain {name} --run {run_dir}"
     connect_ray(run_dir)
     run, manifest = open_run(config, run_dir, command=command, write_config=False)
@@ -189,12 +172,12 @@ def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", ov
     for stage in config.method_class.add_domain_plan:
         print(f"== {name}: stage {stage} ==", flush=True)
         runner.fit(STAGE_TASKS[stage](run, [name]))
-    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config, command))  # only once it succeeded
-    return read_manifest(run_dir)
+    atomic_write_text(run_dir / RUN_CONFIG, dump_config(config, command))  # only once it succeeded
+    return Manifest.read(run_dir)
 
 
 def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = None, *, force: bool = False,
-              command: str = "") -> dict:
+              command: str = "") -> Manifest:
     """One stage alone (``jobs/train_stage.py``); its inputs must already be in the run folder."""
     if stage not in config.plan:
         raise ConfigError("stage", f"{stage!r} is not a stage of {config.method} ({config.plan})")
@@ -202,4 +185,4 @@ def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = 
     run, manifest = open_run(config, run_dir, command=command or "modula-ray stage")
     tasks = STAGE_TASKS[stage](run, [domain] if domain else run.domains)
     Runner(run, manifest, force=force, event="pipeline").fit(tasks)
-    return read_manifest(run.run_dir)
+    return Manifest.read(run.run_dir)

@@ -1,9 +1,15 @@
 """``StageTask``: everything one Ray Train worker group needs, as plain JSON-able data."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
 
 from ..compose import PartRef
+
+# Tests only: JSON that every task built while it is set carries as ``after_step`` (the task reaches the
+# Ray Train worker processes; the driver's environment does not)
+AFTER_STEP_ENV = "MODULA_RAY_AFTER_STEP"
 
 
 @dataclass
@@ -32,6 +38,9 @@ class StageTask:
     # metrics join the report (Tune sets the evaluation package's RouterValidation; train imports none)
     validator: str | None = None
     validator_args: dict = field(default_factory=dict)
+    # {"call": "module:function", **kwargs}: the loop calls function(state, **kwargs) after every optimizer
+    # step; only tests set it (through AFTER_STEP_ENV), e.g. to kill a worker and test the resume
+    after_step: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +86,6 @@ class RunContext:
             hparams=to_dict(stage_config), run_dir=self.run_dir, dtype=config.torch_dtype_name(use_gpu),
             max_length=config.data.max_length, pack=config.data.pack, seed=config.seed,
             data_weights=data_weights if data_weights is not None else stage_config.data_weights,
-            load=list(load), save=list(save),
+            load=list(load), save=list(save), after_step=json.loads(os.environ.get(AFTER_STEP_ENV) or "null"),
             metadata={"run_id": self.run_id, "stage": key, "base_model_sha256": self.base_sha256,
                       **(metadata or {})})

@@ -18,7 +18,8 @@ import io
 import math
 from pathlib import Path
 
-from ..compose import check_lineage, composition_parts, read_manifest
+from ..assets import asset
+from ..compose import Manifest
 from ..config import PipelineConfig, load_config, to_dict
 from ..errors import ArtifactError, ConfigError, ResourceUnavailableError
 from ..fileio import atomic_write_json, atomic_write_text, read_json
@@ -26,7 +27,7 @@ from .install import install_router, recover_router
 from .space import SearchSpec, load_spec
 from .trainable import TrialContext, trial_folder
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tune-router.yaml"
+DEFAULT_SPACE = asset("tune-router.yaml")  # jobs/configs/tune-router.yaml, shipped in the package
 TRIAL_DRIVER_MEMORY = 512 * 2 ** 20  # bytes, logical: what a trial's driver process holds
 BEFORE = "router_before.json"  # the replaced router's entry and validation metrics
 REPORTED = ("step", "val_loss", "routing_accuracy", "load_balance", "loss")
@@ -36,9 +37,9 @@ class SearchInterrupted(Exception):
     """The search stopped before every trial ended; the message says how to resume."""
 
 
-def check_run(run_dir: Path) -> tuple[dict, PipelineConfig]:
+def check_run(run_dir: Path) -> tuple[Manifest, PipelineConfig]:
     """The run's manifest and config, after checking it has a router stage and trained experts."""
-    manifest = read_manifest(run_dir)
+    manifest = Manifest.read(run_dir)
     config = load_config(PipelineConfig, run_dir / "config.yaml")
     method = config.method_class
     if "router" not in method.parts or "router" not in method.stages:
@@ -49,7 +50,7 @@ def check_run(run_dir: Path) -> tuple[dict, PipelineConfig]:
     if missing:
         raise ArtifactError(run_dir / "manifest.json", f"no trained experts for {missing}: train them first "
                                                        f"(modula-ray train), then tune the router over them")
-    check_lineage(composition_parts(run_dir, {**manifest, "router": None}))
+    manifest.check_lineage()
     return manifest, config
 
 
@@ -167,22 +168,21 @@ def write_trials(path: Path, rows: list[dict]) -> None:
 def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_concurrent: int | None = None,
                 name: str = "router", command: str = "") -> dict:
     """Search, then install the best router; returns ``{"rows", "best", "experiment", "manifest"}``."""
-    from ..data.build import load_manifest
+    from ..data.build import read_datasets_json
+    from ..ray_session import connect_ray
     from ..train.pipeline import open_run, router_hyperparameters
-    from ..train.session import connect_ray
 
     run_dir = Path(run_dir).resolve()
     recover_router(run_dir)
     manifest, config = check_run(run_dir)
     data_domains = config.domains + [config.data.general_domain]
-    spec = load_spec(space or DEFAULT_SPACE, n_routed=len(config.method_class.routed_names(config.domains)),
-                     data_domains=data_domains, num_samples=num_samples, max_concurrent=max_concurrent,
-                     options=config.method_class.options)
+    spec = load_spec(space or DEFAULT_SPACE, config, num_samples=num_samples, max_concurrent=max_concurrent)
+    config.check_base_model()  # the run's settings fit its base model, before any trial starts
     connect_ray(run_dir)
     check_concurrent(spec.trial or config.stages.router.scaling, spec.search.max_concurrent)
     command = command or f"modula-ray tune router --run {run_dir} --name {name}"
     run, _ = open_run(config, run_dir, command=command, write_config=False)
-    built = load_manifest(run.data_dir)["domains"]
+    built = read_datasets_json(run.data_dir)["domains"]
     experiment = run_dir / "tune" / name
     context = TrialContext(run=run, spec=spec, search=name, experiment_dir=str(experiment),
                            storage_path=config.storage_path or str(run_dir / "ray"), data_domains=data_domains,

@@ -11,13 +11,15 @@
                 ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi excluded)
 
 Every hyperparameter sets one field of the run's pipeline config (``PARAMS``), so a trial's
-stage-3 task is built by the same code as the pipeline's. ``data_weights.<domain>`` multiplies that
+stage-3 task is built by the same code as the pipeline's. The ``experts.*`` ones (router settings)
+are known only to a method whose config class has them, and each value is checked by that class. ``data_weights.<domain>`` multiplies that
 domain's share of the router's data as built (1 = unchanged); the trial's
 ``stages.router.data_weights`` is the resulting mix.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -29,6 +31,7 @@ from typing import Any, Callable
 from ..config import PipelineConfig, ScalingSpec, from_dict, load_config, set_dotted, to_dict
 from ..errors import ConfigError
 from ..evaluation.validation import METRICS
+from ..experts import config_keys
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 ALGORITHMS = ("random", "grid", "optuna")
@@ -40,21 +43,27 @@ WEIGHTS = "data_weights."
 class Param:
     field: str                                  # the dotted pipeline-config field it sets
     kind: type                                  # float | int | str
-    check: Callable[[Any], bool]
-    rule: str                                   # what ``check`` demands, for the error message
+    check: Callable[[Any], bool] | None = None  # None: an experts.* setting, checked by the method's config class
+    rule: str = ""                              # what ``check`` demands, for the error message
     optional: bool = False                      # None is a value (top_k: dense)
+
+    @property
+    def setting(self) -> str | None:
+        """The method setting it sets (``experts.top_k`` -> ``top_k``), or None."""
+        section, _, key = self.field.partition(".")
+        return key if section == "experts" else None
 
 
 PARAMS = {
     "lr": Param("stages.router.lr", float, lambda v: v > 0, "> 0"),
-    "temperature": Param("experts.temperature", float, lambda v: v > 0, "> 0"),
-    "top_k": Param("experts.top_k", int, lambda v: v >= 1, "null (dense) or 1..n_routed", optional=True),
+    "temperature": Param("experts.temperature", float),
+    "top_k": Param("experts.top_k", int, optional=True),
     "aux_loss_coef": Param("stages.router.aux_loss_coef", float, lambda v: v >= 0, ">= 0"),
     "warmup_steps": Param("stages.router.warmup_steps", int, lambda v: v >= 0, ">= 0"),
     "steps": Param("stages.router.steps", int, lambda v: v >= 1, ">= 1"),
     "batch_size": Param("stages.router.batch_size", int, lambda v: v >= 1, ">= 1"),
     "weight_decay": Param("stages.router.weight_decay", float, lambda v: v >= 0, ">= 0"),
-    "router_placement": Param("experts.router_placement", str, lambda v: v in ("layer", "block"), "layer or block"),
+    "router_placement": Param("experts.router_placement", str),
 }
 WEIGHT_PARAM = Param("stages.router.data_weights", float, lambda v: v >= 0, ">= 0")
 
@@ -143,28 +152,33 @@ def param(name: str) -> Param:
     return WEIGHT_PARAM if name.startswith(WEIGHTS) else PARAMS[name]
 
 
-def _check_value(where: str, p: Param, value, n_routed: int) -> None:
+def _check_value(where: str, p: Param, value, run: PipelineConfig) -> None:
+    """A value of ``p`` the run can take: of its kind, and allowed by ``p.check`` or, for a method
+    setting, by the method's config class (``top_k`` also against the run's routed experts)."""
     if value is None and p.optional:
         return
     if p.kind is str:
-        ok = isinstance(value, str) and p.check(value)
+        ok = isinstance(value, str)
     else:
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = number and (p.kind is float or float(value).is_integer()) and p.check(value)
-        ok = ok and not (where.endswith("top_k") and value > n_routed)
-    if not ok:
-        rule = p.rule.replace("n_routed", str(n_routed))
-        raise ConfigError(where, f"{value!r} is not allowed: must be {p.kind.__name__} {rule}"
-                          + (f" (the run routes {n_routed} experts)" if where.endswith("top_k") else ""))
+        ok = number and (p.kind is float or float(value).is_integer())
+    if not ok or (p.check is not None and not p.check(value)):
+        raise ConfigError(where, f"{value!r} is not allowed: must be {p.kind.__name__} {p.rule}".rstrip())
+    if p.setting is not None:
+        try:
+            settings = dataclasses.replace(run.experts, **{p.setting: p.kind(value)})
+            settings.check_routed(len(run.method_class.routed_names(run.domains)))
+        except ConfigError as exc:
+            raise ConfigError(where, f"{value!r} is not allowed: {exc.message}") from None
 
 
-def check_space(space: dict, *, n_routed: int, data_domains: list[str], options=None, source: str | None = None
-                ) -> None:
-    """Raise ``ConfigError`` (``space.<name>``) for an unknown hyperparameter (or one the run's method
-    does not read: ``options``), a malformed or empty distribution, or a value the hyperparameter cannot
-    take (e.g. top_k above the routed experts)."""
-    known = [name for name, p in PARAMS.items() if options is None or not p.field.startswith("experts.")
-             or p.field.partition(".")[2] in options] + [WEIGHTS + d for d in data_domains]
+def check_space(space: dict, run: PipelineConfig, *, source: str | None = None) -> None:
+    """Raise ``ConfigError`` (``space.<name>``) for an unknown hyperparameter (or a setting the run's
+    method does not have), a malformed or empty distribution, or a value the run cannot take (e.g.
+    top_k above its routed experts)."""
+    own = config_keys(type(run.experts))
+    known = [name for name, p in PARAMS.items() if p.setting is None or p.setting in own] + [
+        WEIGHTS + d for d in run.domains + [run.data.general_domain]]
     for name, dist in space.items():
         where = f"space.{name}"
         try:
@@ -174,7 +188,7 @@ def check_space(space: dict, *, n_routed: int, data_domains: list[str], options=
                 raise ConfigError(where, f"unknown hyperparameter {name!r}; {hint}known: {known}")
             p = param(name)
             if not isinstance(dist, dict):
-                _check_value(where, p, dist, n_routed)
+                _check_value(where, p, dist, run)
                 continue
             if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise ConfigError(where, f"a distribution is one key of {list(DISTRIBUTIONS)}, got {dist!r}")
@@ -183,7 +197,7 @@ def check_space(space: dict, *, n_routed: int, data_domains: list[str], options=
                 if not isinstance(values, list) or not values:
                     raise ConfigError(where, f"{kind} needs a non-empty list of values, got {values!r}")
                 for value in values:
-                    _check_value(where, p, value, n_routed)
+                    _check_value(where, p, value, run)
                 continue
             if p.kind is str or p.optional or (kind != "randint" and p.kind is int):
                 raise ConfigError(where, f"{name} takes {'choice, grid or randint' if p.kind is int else 'choice or grid'},"
@@ -194,15 +208,15 @@ def check_space(space: dict, *, n_routed: int, data_domains: list[str], options=
             if kind == "loguniform" and values[0] <= 0:
                 raise ConfigError(where, f"loguniform needs low > 0, got {values[0]}")
             for value in (values if kind != "randint" else [values[0], values[1] - 1]):
-                _check_value(where, p, value, n_routed)
+                _check_value(where, p, value, run)
         except ConfigError as exc:
             raise ConfigError(exc.field, exc.message, source=source) from None
 
 
-def load_spec(path, *, n_routed: int, data_domains: list[str], num_samples: int | None = None,
-              max_concurrent: int | None = None, options=None) -> SearchSpec:
-    """The search file, validated against the run (its routed experts and data domains); the
-    command line's ``--num-samples`` / ``--max-concurrent`` win over the file's."""
+def load_spec(path, run: PipelineConfig, *, num_samples: int | None = None, max_concurrent: int | None = None
+              ) -> SearchSpec:
+    """The search file, validated against the run (its method's settings, routed experts and data
+    domains); the command line's ``--num-samples`` / ``--max-concurrent`` win over the file's."""
     path = Path(path)
     counts = [f"search.{key}={value}" for key, value in (("num_samples", num_samples),
                                                           ("max_concurrent", max_concurrent)) if value is not None]
@@ -214,7 +228,7 @@ def load_spec(path, *, n_routed: int, data_domains: list[str], num_samples: int 
                                                   "constant, choice or grid", source=str(path))
     if spec.search.algorithm == "optuna" and any(isinstance(v, dict) and "grid" in v for v in spec.space.values()):
         raise ConfigError("search.algorithm", "optuna cannot run grid distributions; use choice", source=str(path))
-    check_space(spec.space, n_routed=n_routed, data_domains=data_domains, options=options, source=str(path))
+    check_space(spec.space, run, source=str(path))
     return spec
 
 

@@ -56,6 +56,22 @@ def test_registry_suggests_the_closest_name_and_config_reads_it():
     assert set(METHODS) == set(PLANS) | {"mode"}  # mode wraps blocks, not linears: tests/unit/test_mode.py
 
 
+def test_each_method_registers_its_settings_class():
+    """One class per method owns its keys: the LoRA family's ranks, lora's lack of a router, MoDE's spans."""
+    from modula_ray.experts import ExpertsConfig, LinearExpertsConfig, config_keys
+
+    classes = {name: cls.config_class.__name__ for name, cls in METHODS.items()}
+    assert classes == {"lora": "LoraConfig", "molora": "LinearExpertsConfig", "modula_flan": "LinearExpertsConfig",
+                       "modula_res": "LinearExpertsConfig", "mode": "ModeConfig"}
+    assert all(issubclass(cls.config_class, ExpertsConfig) for cls in METHODS.values())
+    assert config_keys(ExpertsConfig) == ["target_modules", "top_k", "temperature", "router_bias"]
+    assert set(config_keys(LinearExpertsConfig)) - set(config_keys(ExpertsConfig)) == {
+        "universal_rank", "domain_rank", "universal_alpha", "domain_alpha", "dropout", "router_placement"}
+    with pytest.raises(ConfigError, match="did you mean 'domain_rank'") as info:
+        method_class("modula_res").configure(domian_rank=4)
+    assert info.value.field == "domian_rank"
+
+
 @pytest.mark.parametrize("method, stage, inactive", [("modula_res", "universal", ("domain", "router")),
                                                      ("modula_res", "experts", ("router",)),
                                                      ("modula_flan", "experts", ("universal", "router")),

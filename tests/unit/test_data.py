@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from modula_ray.data.build import build_datasets, load_manifest, split_file
+from modula_ray.data.build import build_datasets, read_datasets_json, split_file
 from modula_ray.data.formatting import IGNORE_INDEX, collate, encode_example, encode_rows, pack
 from modula_ray.data.mixing import mix_tables
 from modula_ray.data.ray_data import read_domains
@@ -32,7 +32,7 @@ def test_all_six_domains_are_registered():
 
 
 def test_every_split_matches_the_schema_and_manifest(tiny_data):
-    manifest = load_manifest(tiny_data)
+    manifest = read_datasets_json(tiny_data)
     assert set(manifest) >= {"seed", "size", "domains"} and manifest["size"] == "tiny"
     assert sorted(manifest["domains"]) == DOMAINS
     for domain in DOMAINS:
@@ -57,7 +57,7 @@ def test_same_size_and_seed_give_identical_bytes(tiny_data, tmp_path):
                 (tiny_data / domain / f"{split}.parquet").read_bytes()
     other = build_datasets("tiny", 1, tmp_path / "seed1", domains=["math"], progress=False)
     assert other["domains"]["math"]["splits"]["train"]["sha256"] != \
-        load_manifest(tiny_data)["domains"]["math"]["splits"]["train"]["sha256"]
+        read_datasets_json(tiny_data)["domains"]["math"]["splits"]["train"]["sha256"]
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -212,3 +212,18 @@ def test_mixing_by_weight(tiny_data):
         + read_split(split_file(tiny_data, "code", "train")).column("id").to_pylist())
     with pytest.raises(ConfigError, match="finance"):
         mix_tables({"math": plain}, {"finance": 1.0})
+
+
+def test_codeio_programs_run_in_a_seeded_child_process_that_leaves_this_ones_cwd_alone(tmp_path, monkeypatch):
+    """codeio item 0 of seed 448 runs a program that writes ``sailor_performance.csv`` into its
+    working directory and shuffles with the global ``random``: this process never changes
+    directory, nothing lands in its cwd, and the child's seeded global state pins the answer."""
+    import os
+
+    from modula_ray.data.sources.code import CodeSource
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "chdir", lambda path: pytest.fail(f"os.chdir({path!r}) during a data build"))
+    [entry] = CodeSource()._generate("codeio", 1, 448)
+    assert entry["answer"] == '["Sailor_5", "Sailor_3", "Sailor_6", "Sailor_1", "Sailor_2", "Sailor_4"]'
+    assert list(tmp_path.iterdir()) == []

@@ -56,25 +56,58 @@ def test_general_capability_uses_only_subjects_outside_every_domain():
     assert all(r["answer"] in r["choices"] for r in rows)
 
 
-def test_a_missing_data_folder_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("MODULA_RAY_DATA", raising=False)
-    with pytest.raises(ConfigError, match="MODULA_RAY_DATA"):
-        tasks.load_split("math")
+def test_a_missing_data_folder_is_a_clear_error_and_no_environment_variable_stands_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODULA_RAY_DATA", str(tmp_path))  # the old process-wide default: ignored now
+    with pytest.raises(ConfigError, match="data_dir: no data folder"):
+        tasks.load_domain_split("math")
+    assert tasks.resolve_data_dir(data_dir=tmp_path / "given", run="ignored when data_dir is given") == str(
+        tmp_path / "given")
+
+
+def test_the_suites_are_read_from_the_task_yamls():
+    """One source of truth: ``metadata.suite`` in the YAMLs; the suites cover ``modula_all`` exactly."""
+    from modula_ray.evaluation.run import HEADLINE, read_task_yamls, suite_tasks
+
+    suites = suite_tasks()
+    assert {name: set(names) for name, names in suites.items()} == {
+        "domain": {"modula_math", "modula_code", "modula_humaneval", "modula_medicine", "modula_finance",
+                   "modula_ecommerce", "modula_domain_loss"},
+        "general": {"modula_general"}}
+    configs = read_task_yamls()
+
+    def leaves(name):  # modula_all down to what lm-eval reports: tasks, and groups with an aggregate
+        config = configs[name]
+        if "group" in config and not config.get("aggregate_metric_list"):
+            return [leaf for member in config["task"] for leaf in leaves(member)]
+        return [name]
+
+    every = [name for names in suites.values() for name in names]
+    assert sorted(every) == sorted(leaves("modula_all")), "a task in two suites, or one of modula_all in none"
+    assert set(HEADLINE) <= set(suites["domain"])
+
+
+def test_the_task_folder_can_be_overridden_and_a_wrong_one_is_named(monkeypatch, tmp_path):
+    from modula_ray.evaluation.run import suite_tasks, tasks_dir
+
+    monkeypatch.setenv("MODULA_RAY_TASKS", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("task: mine\nmetadata: {version: 1.0, suite: custom}\n")
+    assert tasks_dir() == tmp_path and suite_tasks() == {"custom": ("mine",)}
+    monkeypatch.setenv("MODULA_RAY_TASKS", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="absent is not a folder of lm-eval task YAMLs"):
+        tasks_dir()
 
 
 def test_every_task_yaml_names_its_command_and_a_version():
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    from modula_ray.evaluation.run import TaskYamlLoader
 
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
     files = sorted((ROOT / "eval" / "tasks").rglob("*.yaml"))
     assert len(files) >= 14
     for path in files:
         text = path.read_text()
         assert text.startswith("# lm_eval --model modula"), path
-        config = yaml.load(text, Loader=Loader)
+        config = yaml.load(text, Loader=TaskYamlLoader)
         assert config["metadata"]["version"] >= 1, path
         assert "/" not in json.dumps(config.get("dataset_kwargs", {})), f"{path}: no paths in task YAMLs"
 

@@ -174,6 +174,10 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     assert "62.5 ± 12.5 → 62.5 ± 12.5" in report  # old-domain Avg. before and after adding finance
     added = [v for v in results["verdicts"] if "+finance against" in v]
     assert len(added) == 3 and any(v.startswith("- modula_res +finance against molora +finance: higher") for v in added)
+    drawn = {p["label"]: (p["resource_s"], p["avg_pct"]) for p in results["cost_quality"]}  # every evaluated row
+    assert drawn == {"molora": (10.0, 37.5), "modula_res": (10.0, 62.5),
+                     "molora +finance": (20.0, pytest.approx(125 / 3)), "modula_res +finance": (20.0, pytest.approx(175 / 3)),
+                     "base model": (0.0, 12.5), "base model +finance": (0.0, pytest.approx(50 / 3))}
     # the tour evaluates only the runs with finance: its seeds and verdicts come from those
     for folder in tmp_path.glob("seed*/*"):
         if "+" not in folder.name:
@@ -181,7 +185,11 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     report = write_experiment_report(exp, tmp_path, {}).read_text()
     assert report.startswith("# Paper comparison at small scale (3 seeds)") and "nothing evaluated yet" not in report
     assert "No run was evaluated before adding finance" in report
-    assert len(json.loads((tmp_path / "results.json").read_text())["verdicts"]) == 3
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["verdicts"]) == 3
+    assert [p["label"] for p in results["cost_quality"]] == ["molora +finance", "modula_res +finance",
+                                                             "base model +finance"]
+    assert "![routing, modula_res +finance seed 0](routing_modula_res.png)" in report
 
 
 def test_a_one_point_difference_on_eight_items_is_within_noise():
@@ -192,3 +200,39 @@ def test_a_one_point_difference_on_eight_items_is_within_noise():
     assert se == pytest.approx((0.25 / 8) ** 0.5)  # q = (4 + 1) / 10 = 0.5
     assert Noise.verdict(0.01, se, se).startswith("within noise")
     assert Noise.verdict(0.9, se, se).startswith("higher by 90.0 points")
+
+
+def test_the_cost_figure_draws_each_point_it_is_given(tmp_path):
+    from modula_ray.evaluation.report import cost_quality_plot
+
+    points = [("a", 120.0, 0.25, 0.05), ("b", 40.5, 0.125, 0.0), ("base", 0.0, 0.1, 0.0)]
+    drawn = cost_quality_plot(points, tmp_path / "plots" / "cost.png")
+    assert drawn == [("a", 120.0, 25.0), ("b", 40.5, 12.5), ("base", 0.0, pytest.approx(10.0))]
+    assert (tmp_path / "plots" / "cost.png").stat().st_size > 1000
+
+
+def test_the_tours_figures_show_its_runs_evaluated_only_after_adding_finance(tmp_path):
+    """`make demo` evaluates only the +finance runs (``eval.before_adding: false``): the cost figure
+    holds both of them and the base model over the same five domains, and the routing figure is
+    the +finance run's (the figure once showed the base model alone)."""
+    from modula_ray.experiment.figures import write_figures
+
+    exp = load_experiment(TOUR)
+    events = ("pipeline", "add-domain:finance")
+    cost = lambda *seconds: {0: {e: {"resource_s": s} for e, s in zip(events, seconds)}}  # noqa: E731
+    rows = {m: {"kind": "trained", "method": m, "variant": "", "seeds": {}, "costs": cost(100.0)} for m in exp.methods}
+    rows["molora +finance"] = {"kind": "added", "method": "molora", "variant": "+finance",
+                               "seeds": {0: {"avg": 0.20}}, "costs": cost(100.0, 150.0)}
+    rows["modula_res +finance"] = {"kind": "added", "method": "modula_res", "variant": "+finance",
+                                   "seeds": {0: {"avg": 0.25, "routing_accuracy": {"math": 0.5}}},
+                                   "costs": cost(80.0, 30.0)}
+    data = {"rows": rows, "base": {"avg": 0.05}, "base_added": {"avg": 0.10}}
+    layers = {"experts": ["math", "finance"], "layers": {"first": 0, "middle": 15, "last": 29},
+              "domains": {"math": {"accuracy": 0.5, **{k: [0.5, 0.5] for k in ("first", "middle", "last")}}}}
+    (tmp_path / "seed0" / "modula_res+finance" / "eval").mkdir(parents=True)
+    (tmp_path / "seed0" / "modula_res+finance" / "eval" / "routing.json").write_text(json.dumps({"layers": layers}))
+    figures, drawn = write_figures(exp, tmp_path, data)
+    assert drawn == [("molora +finance", 250.0, 20.0), ("modula_res +finance", 110.0, 25.0),
+                     ("base model +finance", 0.0, 10.0)]
+    assert list(figures) == ["after adding finance", "cost against quality", "routing, modula_res +finance seed 0"]
+    assert all(path.stat().st_size > 1000 for path in figures.values())

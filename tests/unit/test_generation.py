@@ -26,23 +26,36 @@ def encode(tokenizer, prompt):
 
 
 def hf_greedy(model, tokenizer, prompt, n):
+    """Hugging Face greedy ``generate``: at most ``n`` new tokens, ending with the first EOS of the
+    model's generation config (kept), as ours ends."""
     ids = torch.tensor([encode(tokenizer, prompt)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_greedy_matches_hf_generate_for_each_prompt(composed):
+@pytest.fixture
+def stops_early(composed, monkeypatch):
+    """The third greedy token of ``PROMPTS[2]`` made an extra EOS, so that row ends on EOS after 3
+    tokens (the random model never picks the real one); ``PROMPTS[6]`` picks it after 10."""
     model, tokenizer = composed
-    for prompt in PROMPTS[:3]:
+    stopper = hf_greedy(model, tokenizer, PROMPTS[2], 3)[-1]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, stopper])
+    return stopper
+
+
+def test_greedy_matches_hf_generate_for_each_prompt(composed, stops_early):
+    model, tokenizer = composed
+    for prompt, reason in zip(PROMPTS[:3], ["length", "length", "stop"]):
         ours = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, prompt), max_tokens=12)])[0]
-        # the tiny tokenizer's EOS can come early; compare what we generated before stopping
-        reference = hf_greedy(model, tokenizer, prompt, 12)[:len(ours.token_ids)]
+        reference = hf_greedy(model, tokenizer, prompt, 12)  # the whole of it: both stop at EOS or at 12
         assert ours.token_ids == reference, prompt
+        assert ours.finish_reason == reason and len(reference) == (3 if reason == "stop" else 12), prompt
         assert ours.prompt_tokens == len(encode(tokenizer, prompt)) and ours.completion_tokens == len(reference)
+    assert reference[-1] == stops_early and ours.text == tokenizer.decode(reference[:-1])  # EOS is not text
 
 
-def test_greedy_alone_equals_greedy_in_a_batch_of_8(composed):
+def test_greedy_alone_equals_greedy_in_a_batch_of_8(composed, stops_early):
     model, tokenizer = composed
     requests = [GenerationRequest(encode(tokenizer, p), max_tokens=10 + i) for i, p in enumerate(PROMPTS)]
     batched = generate_batch(model, tokenizer, requests)
@@ -50,7 +63,12 @@ def test_greedy_alone_equals_greedy_in_a_batch_of_8(composed):
         alone = generate_batch(model, tokenizer, [request])[0]
         assert alone.token_ids == result.token_ids and alone.finish_reason == result.finish_reason
         if result.finish_reason == "length":
-            assert result.completion_tokens == request.max_tokens
+            assert result.completion_tokens == request.max_tokens and stops_early not in result.token_ids
+        else:
+            assert result.token_ids.index(stops_early) == result.completion_tokens - 1 < request.max_tokens
+    reasons = [result.finish_reason for result in batched]
+    assert reasons == ["length", "length", "stop", "length", "length", "length", "stop", "length"]  # both kinds
+    assert [result.completion_tokens for result in batched] == [10, 11, 3, 13, 14, 15, 10, 17]
 
 
 def test_sampling_is_reproducible_per_request_seed_whatever_the_batch(composed):
@@ -92,8 +110,8 @@ def test_routing_reports_the_mean_gate_over_generated_tokens(composed):
     first = last_position_gates(model)[0]
     single = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]), max_tokens=1,
                                                                  routing=True)])[0]
-    if single.finish_reason == "length":
-        assert list(single.routing.values()) == pytest.approx(first.tolist(), abs=1e-5)
+    assert single.finish_reason == "length" and single.completion_tokens == 1  # one step: one position's gates
+    assert list(single.routing.values()) == pytest.approx(first.tolist(), abs=1e-5)
 
 
 def stream(model, tokenizer, requests):

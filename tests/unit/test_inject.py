@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from modula_ray.experts import (expert_layers, inject, load_balancing_loss, routing_weights, set_stage,
-                                stack_experts, trainable_parameters)
+from modula_ray.errors import ConfigError
+from modula_ray.experts import (LinearExpertsConfig, expert_layers, inject, load_balancing_loss, routing_weights,
+                                set_stage, spec_of, stack_experts, trainable_parameters)
 from modula_ray.models import tiny_model
 from tests.helpers import ids, randomise_experts
 
@@ -67,16 +68,38 @@ def test_set_stage_experts_rejects_several_domains(tiny_fresh):
 
 def test_inject_rejects_missing_targets_and_bad_domains(tiny_fresh):
     model, _ = tiny_fresh
-    with pytest.raises(ValueError, match="c_attn"):
+    with pytest.raises(ConfigError, match=r"no nn.Linear named \['c_attn'\]") as info:
         inject(model, "modula_res", ["math"], target_modules=["q_proj", "c_attn"])
+    assert info.value.field == "target_modules"
     with pytest.raises(ValueError, match="n_domains"):
         inject(model, "modula_res", [])
     with pytest.raises(ValueError, match="method"):
         inject(model, "mystery", ["math"])
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ConfigError, match=r"top_k=2 must be in 1\.\.1") as info:
         inject(model, "modula_res", ["math"], top_k=2)
+    assert info.value.field == "top_k"
+    assert not expert_layers(model)  # nothing was wrapped by the refused calls
     inject(model, "modula_res", ["math"], target_modules=["q_proj"])
     assert len(expert_layers(model)) == 2
+
+
+@pytest.mark.parametrize("method, foreign", [("mode", {"domain_rank": 4}), ("modula_res", {"mode_blocks": [[0, 1]]})])
+def test_inject_takes_only_the_method_s_own_settings(tiny_fresh, method, foreign):
+    """No setting of another method is dropped on the way in: it raises, naming the key."""
+    with pytest.raises(ConfigError, match=f"method '{method}' has no such setting") as info:
+        inject(tiny_fresh[0], method, ["math"], **foreign)
+    assert info.value.field == next(iter(foreign))
+
+
+def test_inject_keeps_the_settings_object_it_was_given(tiny_fresh):
+    config = LinearExpertsConfig(target_modules=["q_proj", "v_proj"], domain_rank=3, temperature=0.5)
+    model = inject(tiny_fresh[0], "molora", ["math", "code"], config)
+    assert spec_of(model).config is config and spec_of(model).target_modules == ["q_proj", "v_proj"]
+    layers = expert_layers(model).values()
+    assert len(layers) == 4 and all(layer.settings is config for layer in layers)
+    assert {layer.domain.A.shape[1] for layer in layers} == {3}
+    with pytest.raises(ConfigError, match="takes one ModeConfig"):
+        inject(tiny_fresh[0], "mode", ["math"], config)
 
 
 def test_router_stats_after_forward(tiny_fresh):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modula_ray.errors import ConfigError
 from modula_ray.experts import METHODS, reference_forward, wrap_linear
 from tests.helpers import assert_same_gradients
 
@@ -67,8 +68,8 @@ def _gates(x, w, b=None, tau=1.0, k=None):
 def paper_equation(layer, x_vec, *, tau=1.0, k=None):
     """MoLoRA eq. 1-3, Flan eq. 5-8, Res eq. 9-12 for ONE token vector, from named parameters only."""
     P = dict(layer.named_parameters())
-    kw = layer.layer_kwargs
-    su, sd = kw["universal_alpha"] / kw["universal_rank"], kw["domain_alpha"] / kw["domain_rank"]
+    s = layer.settings
+    su, sd = s.universal_alpha / s.universal_rank, s.domain_alpha / s.domain_rank
     y = P["base.weight"] @ x_vec + P["base.bias"]
     if layer.method == "lora":
         return y + su * P["universal.B"] @ (P["universal.A"] @ x_vec)
@@ -93,7 +94,7 @@ def test_matches_paper_equations_per_token(method, top_k):
     y = layer(x)
     for b in range(2):
         for t in range(3):
-            expected = paper_equation(layer, x[b, t], tau=layer.layer_kwargs["temperature"], k=top_k)
+            expected = paper_equation(layer, x[b, t], tau=layer.settings.temperature, k=top_k)
             torch.testing.assert_close(y[b, t], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -182,8 +183,10 @@ def test_experts_are_computed_without_a_python_loop():
 ])
 def test_bad_arguments_raise_value_error_naming_the_field(kwargs, field):
     args = dict(method="modula_res", n_domains=3) | kwargs
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as info:
         wrap_linear(nn.Linear(D_IN, D_OUT), args.pop("method"), args.pop("n_domains"), **args)
+    if field not in ("method", "n_domains"):  # a setting: the method's config class names it
+        assert isinstance(info.value, ConfigError) and info.value.field == field
 
 
 def test_flan_top_k_counts_the_universal_expert():

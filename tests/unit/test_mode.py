@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from modula_ray.errors import ArtifactError
+from modula_ray.errors import ArtifactError, ConfigError
 from modula_ray.experts import (expert_layers, forward_parameter_count, inject, load_part, save_part, set_stage,
                                 stack_experts)
-from modula_ray.experts.methods.mode import ModeBlock, SpanPassThrough, default_spans
+from modula_ray.experts.methods.mode import ModeBlock, ModeConfig, SpanPassThrough, default_spans
 from modula_ray.models import load_base
 from tests.helpers import assert_same_gradients, ids
 
@@ -147,13 +147,29 @@ def test_stacking_single_domain_blocks(tiny):
     stacked(ids(tiny[1]))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"mode_blocks": [[1, 3]]}, "outside the model's 2 layers"),
-    ({"mode_blocks": [[0, 2], [1, 2]]}, "overlaps"),
-    ({"mode_blocks": None, "mode_num_blocks": 3}, "exceeds the model's 2 layers"),
-    ({"top_k": 4}, "top_k=4 must be in 1..3"),
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"mode_blocks": [[1, 3]]}, "mode_blocks", r"span \[1, 3\) is outside the model's 2 layers"),
+    ({"mode_blocks": [[0, 2], [1, 2]]}, "mode_blocks", "overlaps"),
+    ({"mode_blocks": [[1, 0]]}, "mode_blocks[0]", "0 <= start < end"),
+    ({"mode_blocks": None, "mode_num_blocks": 3}, "mode_num_blocks",
+     "mode_num_blocks x mode_block_layers = 3 x 2 exceeds the model's 2 layers"),
+    ({"mode_block_layers": 0}, "mode_block_layers", "must be >= 1"),
+    ({"top_k": 4}, "top_k", r"top_k=4 must be in 1\.\.3"),
 ])
-def test_bad_blocks_are_value_errors(tiny, kwargs, message):
+def test_bad_blocks_are_config_errors_naming_the_setting(tiny, kwargs, field, message):
     kw = {"mode_blocks": SPANS, **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         inject(copy.deepcopy(tiny[0]), "mode", ["math", "code"], **kw)
+    assert info.value.field == field
+
+
+def test_mode_settings_are_its_own_config_class():
+    """MoDE's spans live in ModeConfig, the gate settings are the shared ones; its gates sit per block."""
+    from modula_ray.experts import method_class
+
+    config = method_class("mode").configure(mode_num_blocks=2, mode_block_layers=1, temperature=0.5)
+    assert isinstance(config, ModeConfig) and config.router_placement == "block"
+    assert config.spans(4) == [[1, 2], [3, 4]] and config.spans(30) == [[14, 15], [29, 30]]
+    with pytest.raises(ConfigError, match="mixes attention types") as info:
+        ModeConfig(mode_blocks=[[0, 2]]).spans(2, ["full_attention", "sliding_attention"])
+    assert info.value.field == "mode_blocks"

@@ -1,14 +1,16 @@
 """Base models: offline materialisation, determinism, SmolLM2 untouched by a fresh inject."""
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
+from modula_ray import models
 from modula_ray.errors import MissingPackageError
 from modula_ray.experts import inject
-from modula_ray.models import base_fingerprint, base_model, load_base, package_folder, tiny_model
+from modula_ray.models import (CHAT_TEMPLATE, base_fingerprint, base_model, build_tiny_tokenizer, load_base,
+                               package_folder, tiny_model, train_tiny_bpe)
 
 
 def test_tiny_model_is_deterministic_and_small():
@@ -22,14 +24,37 @@ def test_tiny_model_is_deterministic_and_small():
                                                             add_generation_prompt=True)
 
 
+def test_the_cached_tiny_tokenizer_is_the_freshly_trained_one_and_each_caller_gets_its_own():
+    """The BPE is trained once per process; every call still returns a new tokenizer object."""
+    fresh = PreTrainedTokenizerFast(tokenizer_object=train_tiny_bpe(), bos_token="<|im_start|>",
+                                    eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fresh.chat_template = CHAT_TEMPLATE
+    first, second = build_tiny_tokenizer(), build_tiny_tokenizer()
+    assert first is not second and first.backend_tokenizer is not second.backend_tokenizer
+    assert first.backend_tokenizer.to_str() == fresh.backend_tokenizer.to_str()  # the whole BPE, bit for bit
+    texts = ["hello 12 + 3", "Grüße, 42 µg!", "<|im_start|>user\nthe patient takes a dose<|im_end|>",
+             "def add(a, b):"]
+    assert [first(t).input_ids for t in texts] == [fresh(t).input_ids for t in texts]
+    assert first("hello 12 + 3").input_ids == [260, 281, 81, 469, 263, 269]  # pinned: the tokens before caching
+    chat = [{"role": "user", "content": "What is 3 + 4?"}]
+    assert first.apply_chat_template(chat, add_generation_prompt=True) == fresh.apply_chat_template(
+        chat, add_generation_prompt=True)
+    assert (len(first), first.pad_token_id, first.bos_token_id, first.eos_token_id) == (512, 0, 1, 2)
+    first.add_special_tokens({"additional_special_tokens": ["<|mine|>"]})  # a caller changes its own
+    first.chat_template = None
+    assert len(second) == 512 and len(build_tiny_tokenizer()) == 512 and second.chat_template == CHAT_TEMPLATE
+
+
 def test_materialise_is_atomic_and_happens_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MODULA_RAY_CACHE", str(tmp_path))
+    builds = []
+    builder = models.BASE_MODELS["tiny-llama"]
+    monkeypatch.setitem(models.BASE_MODELS, "tiny-llama", lambda out: builds.append(out) or builder(out))
     folder = base_model("tiny-llama")
-    assert folder == str(tmp_path / "models" / "tiny-llama")
+    assert folder == str(tmp_path / "models" / "tiny-llama") and len(builds) == 1
     stamp = (tmp_path / "models" / "tiny-llama" / "config.json").stat().st_mtime_ns
-    started = time.perf_counter()
     assert base_model("tiny-llama") == folder
-    assert time.perf_counter() - started < 0.5
+    assert len(builds) == 1  # the second call found the folder: nothing was built again
     assert (tmp_path / "models" / "tiny-llama" / "config.json").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == ["tiny-llama"]
     model, tokenizer = load_base(folder)

@@ -26,17 +26,104 @@ def test_no_stray_files_at_the_repo_root():
     assert {"modula_ray", "jobs", "eval", "cluster", "tests", "pyproject.toml", "README.md"} <= roots
 
 
+def method_name_checks(source: str, names: list[str]) -> list[int]:
+    """Lines of ``source`` that test a value against method names written out: ``x == "lora"``,
+    ``"modula" in label``, ``x in ("lora", ...)``, ``x.startswith("modula")``, ``for m in
+    ("modula_res", ...)`` and ``case "mode":``. A fragment is any literal of 4+ characters inside a
+    method name ("modula", "lora")."""
+    def named(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    def fragment(node) -> bool:
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) >= 4
+                and any(node.value in name for name in names))
+
+    def listed(node, test) -> bool:
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(test(e) for e in node.elts)
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for op, left, right in zip(node.ops, [node.left, *node.comparators], node.comparators):
+                if isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)) and (named(left) or named(right)):
+                    lines.append(node.lineno)
+                if isinstance(op, (ast.In, ast.NotIn)) and (fragment(left) or listed(right, named)):
+                    lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("startswith", "endswith"):
+            if any(fragment(arg) or listed(arg, fragment) for arg in node.args):
+                lines.append(node.lineno)
+        elif isinstance(node, (ast.For, ast.comprehension)) and listed(node.iter, named):
+            lines.append(node.iter.lineno)
+        elif isinstance(node, ast.MatchValue) and named(node.value):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def general_domain_literals(source: str, general: str) -> list[int]:
+    """Lines that spell the general domain's name (``data.general_domain``) instead of reading the
+    config; a statement about the "general" lm-eval suite, which shares the name, is not one."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value == general:
+            statement = node
+            while not isinstance(statement, ast.stmt):
+                statement = parents[statement]
+            start = sum(len(line) + 1 for line in source.splitlines()[:statement.lineno - 1]) + statement.col_offset
+            end = sum(len(line) + 1 for line in source.splitlines()[:node.end_lineno - 1]) + node.end_col_offset
+            if "suite" not in source[start:end].lower():
+                lines.append(node.lineno)
+    return lines
+
+
 def test_method_names_are_spelled_only_in_the_method_files():
     """Everything outside ``experts/methods/`` asks the registry instead of comparing method names
-    (an HTTP ``request.method`` is not one)."""
+    (an HTTP ``request.method`` is not one), and reads the general domain from the config
+    (``data.general_domain``) outside ``data/`` and ``config.py``."""
+    from modula_ray.config import DataConfig
+    from modula_ray.experts import METHODS
+
     offenders = []
     for path in (ROOT / "modula_ray").rglob("*.py"):
-        if "methods" in path.relative_to(ROOT / "modula_ray").parts:
+        inside = path.relative_to(ROOT / "modula_ray").parts
+        if "methods" in inside:
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        source, where = path.read_text(), path.relative_to(ROOT)
+        text = source.splitlines()
+        for number, line in enumerate(text, 1):
             if re.search(r"(?<!request\.)method\s*[!=]=|[!=]=\s*['\"](lora|molora|modula_flan|modula_res|mode)['\"]", line):
-                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+                offenders.append(f"{where}:{number}: {line.strip()}")
+        numbers = method_name_checks(source, METHODS.names())
+        if inside[0] != "data" and inside != ("config.py",):
+            numbers += general_domain_literals(source, DataConfig().general_domain)
+        offenders += [f"{where}:{number}: {text[number - 1].strip()}" for number in sorted(set(numbers))]
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("source, lines", [
+    # experiment/figures.py:22
+    ('colour = "tab:red" if "modula" in label else "tab:blue" if "mode" in label else "tab:gray"', [1]),
+    ('for method in ("modula_res", "modula_flan"):\n    pass', [1]),  # experiment/report.py:332
+    ('ok = method in ["lora", "molora"]', [1]), ('ok = not name.startswith(("molora", "x"))', [1]),
+    ('ok = "lora" == spec', [1]), ('match method:\n    case "mode":\n        pass', [2]),
+    ('ok = [m for m in {"lora", "mode"}]', [1]),
+])
+def test_the_lint_catches_method_names_written_any_way(source, lines):
+    from modula_ray.experts import METHODS
+
+    assert method_name_checks(source, METHODS.names()) == lines
+
+
+def test_the_lint_catches_the_general_domain_spelled_out_but_not_the_general_suite():
+    routing_py_93 = 'domains = [d for d in list(manifest["domains"]) + ["general"] if d in built]'
+    assert general_domain_literals(routing_py_93, "general") == [1]
+    assert general_domain_literals('if x:\n    pick("general")\nelse:\n    y = 1', "general") == [2]
+    assert general_domain_literals('SUITE_TASKS = {\n    "domain": (),\n    "general": ("modula_general",)}',
+                                   "general") == []
+    assert general_domain_literals('general = suites.get("general", {})  # the general suite', "general") == []
+    assert method_name_checks('ok = request.method == "POST" or "code" in domains', ["lora", "mode"]) == []
 
 
 LAYERS = {"experts": {"train", "tune", "serve", "evaluation", "compose", "cli", "experiment"},

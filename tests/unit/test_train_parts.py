@@ -1,42 +1,108 @@
-"""Ray-free parts of training: batch schedule, LR schedule, ledger maths, resource check, tasks, configs."""
+"""Ray-free parts of training: the loop's setup/step/checkpoint/finish on the tiny model, ledger maths,
+resource check, tasks, configs."""
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from modula_ray.config import PipelineConfig, ScalingSpec, from_dict, load_config
+from modula_ray.config import PipelineConfig, ScalingSpec, StageConfig, from_dict, load_config, to_dict
 from modula_ray.errors import ResourceUnavailableError
-from modula_ray.train.engine import lr_lambda
+from modula_ray.experts.serialization import read_part, tensors_sha256
 from modula_ray.train.ledger import compare, event_cost, make_record, overlaps, training_flops
+from modula_ray.train.loop import (after_step_hook, finish, report_due, resume, save_checkpoint, setup, train_step,
+                                   window_metrics)
 from modula_ray.train.pipeline import plan_groups
 from modula_ray.train.resources import check_groups
-from modula_ray.train.schedule import BatchSchedule
-from modula_ray.train.task import PartRef, StageTask
+from modula_ray.train.schedule import lr_lambda
+from modula_ray.train.task import AFTER_STEP_ENV, PartRef, RunContext, StageTask
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_schedule_covers_each_epoch_once_across_ranks_and_is_pure():
-    n, world, b, accum = 10, 2, 2, 1
-    ranks = [BatchSchedule(n, world=world, rank=r, batch_size=b, grad_accum=accum, seed=3) for r in range(world)]
-    seen = []
-    for step in range(0, 5):  # 5 steps x 4 examples = 2 epochs
-        for micro in range(accum):
-            parts = [s.indices(step, micro) for s in ranks]
-            if step < 2:  # steps 0-1 lie inside epoch 0: the ranks share no example
-                assert not set(parts[0]) & set(parts[1])
-            seen += parts[0] + parts[1]
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert seen[:10] != seen[10:]  # each epoch reshuffled
-    fresh = BatchSchedule(n, world=world, rank=1, batch_size=b, grad_accum=accum, seed=3)
-    assert fresh.indices(4, 0) == ranks[1].indices(4, 0)  # resuming needs only the step
+# modula_res over the tiny Llama; dropout, so an exact resume needs the RNG state too
+EXPERTS = {"target_modules": ["q_proj", "v_proj"], "universal_rank": 4, "domain_rank": 2, "universal_alpha": 8.0,
+           "domain_alpha": 4.0, "dropout": 0.1}
+ROWS = [{"id": f"{i:03d}", "prompt": f"what is {i} + {i * 3 % 97}?", "response": f"{i + i * 3 % 97}"}
+        for i in range(12)]
+# seed 0, batch 2, both steps at lr 0.01 (warmup 1); the same on 1 and 2 torch threads
+PINNED_FIRST_LOSS, PINNED_LOSS_2_STEPS, PINNED_TOKENS_2_STEPS = 6.23375, 6.23721, 103
 
 
-def test_lr_warmup_then_cosine_to_ten_percent():
-    f = lr_lambda(warmup=2, total=10)
-    assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
-    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
+def tiny_task(run_dir: Path, **hparams) -> StageTask:
+    stage = StageConfig(**{"steps": 4, "batch_size": 2, "lr": 0.01, "warmup_steps": 1, "log_every": 2,
+                           "checkpoint_every": 2, **hparams})
+    return StageTask(key="universal", stage="universal", method="modula_res", domains=["math"],
+                     base_model="tiny-llama", experts=EXPERTS, data_dir=str(run_dir), data_domains=["math"],
+                     hparams=to_dict(stage), run_dir=str(run_dir), log_to_files=False,
+                     save=[PartRef("universal", str(run_dir / "universal"))], metadata={"run_id": "unit"})
+
+
+def test_two_steps_on_the_tiny_model_give_the_pinned_losses(tmp_path):
+    state = setup(tiny_task(tmp_path), ROWS)
+    # universal rank 4 on q (64 -> 64) and v (64 -> 32) of 2 layers: A is r x in, B is out x r
+    assert (len(state.examples), state.trainable_params) == (12, 2 * 4 * ((64 + 64) + (64 + 32)))
+    train_step(state)
+    assert report_due(state) == (False, False)
+    train_step(state)
+    assert report_due(state) == (True, True)
+    metrics = window_metrics(state)
+    assert state.counters["first_loss"] == pytest.approx(PINNED_FIRST_LOSS, abs=1e-5)
+    assert metrics["loss"] == pytest.approx(PINNED_LOSS_2_STEPS, abs=1e-5)  # the mean over steps 1-2
+    assert metrics["lr"] == pytest.approx(0.01 * lr_lambda(1, 4)(2))
+    assert (metrics["step"], state.counters["tokens"]) == (2, PINNED_TOKENS_2_STEPS)
+
+
+def test_setup_step_checkpoint_resume_finish_round_trip(tmp_path):
+    """Steps 1-4 straight, against steps 1-2, a checkpoint, a fresh setup resumed from it, steps 3-4."""
+    task = tiny_task(tmp_path)
+    straight = setup(task, ROWS)
+    train_step(straight)
+    train_step(straight)
+    (tmp_path / "checkpoint").mkdir()
+    save_checkpoint(straight, tmp_path / "checkpoint")
+    while straight.step < 4:
+        train_step(straight)
+
+    resumed = setup(task, ROWS)
+    resume(resumed, tmp_path / "checkpoint")
+    assert (resumed.step, resumed.resumed_from) == (2, 2), "a restart from step 0 would also end at step 4"
+    while resumed.step < 4:
+        train_step(resumed)
+    for name, tensor in straight.params.items():
+        assert torch.equal(tensor, resumed.params[name]), name
+    assert resumed.counters["tokens"] == straight.counters["tokens"]  # restored, not restarted
+
+    final = finish(resumed, node_id="local")
+    config, tensors = read_part(tmp_path / "universal")
+    assert final["rank_part_sha256"] == [{"universal": tensors_sha256(tensors)}] and final["rank_nodes"] == ["local"]
+    assert (final["step"], final["resumed_from_step"], final["tokens"]) == (4, 2, straight.counters["tokens"])
+    assert final["first_loss"] == pytest.approx(PINNED_FIRST_LOSS, abs=1e-5) and config["metadata"]["run_id"] == "unit"
+
+
+CALLS = []
+
+
+def remember_step(state, *, tag: str) -> None:
+    CALLS.append((tag, state.step))
+
+
+def test_after_step_hook_comes_from_the_environment_through_the_task(tmp_path, monkeypatch):
+    config = from_dict(PipelineConfig, {"method": "modula_res"})
+    run = RunContext(config=config, run_dir=str(tmp_path), data_dir="/d", base_model="/m", base_sha256="0" * 64,
+                     run_id="r", domains=["math"])
+    plain = run.task("universal", "universal", domains=["math"], data_domains=["math"],
+                     stage_config=config.stage("universal"))
+    assert plain.after_step is None
+    monkeypatch.setenv(AFTER_STEP_ENV, json.dumps({"call": f"{__name__}:remember_step", "tag": "t"}))
+    task = run.task("universal", "universal", domains=["math"], data_domains=["math"],
+                    stage_config=config.stage("universal"))
+    worker_side = StageTask.from_dict(json.loads(json.dumps(task.to_dict())))  # what a Ray worker receives
+    after_step_hook(worker_side)(SimpleNamespace(step=3))
+    assert CALLS[-1] == ("t", 3)
 
 
 def test_flops_and_cost_comparison():

@@ -10,6 +10,7 @@ from modula_ray.tune.space import load_spec, trial_config, tune_space
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ["math", "code", "general"]
+RUN = load_config(PipelineConfig, ROOT / "jobs/configs/tiny.yaml")  # modula_res over math and code: 2 routed
 
 
 def write(tmp_path, space=None, **sections) -> Path:
@@ -20,14 +21,13 @@ def write(tmp_path, space=None, **sections) -> Path:
     return path
 
 
-def spec_of(tmp_path, space=None, n_routed=2, **sections):
-    return load_spec(write(tmp_path, space, **sections), n_routed=n_routed, data_domains=DOMAINS)
+def spec_of(tmp_path, space=None, run=RUN, **sections):
+    return load_spec(write(tmp_path, space, **sections), run)
 
 
 def test_the_default_search_file_fits_the_demo_run():
     demo = load_config(PipelineConfig, ROOT / "jobs/configs/demo.yaml")
-    spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", n_routed=len(demo.method_class.routed_names(demo.domains)),
-                     data_domains=demo.domains + ["general"])
+    spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", demo)
     assert spec.search.metric == "val_loss" and spec.search.mode == "min" and spec.scheduler.name == "asha"
     assert {"lr", "temperature", "top_k", "aux_loss_coef", "warmup_steps", "steps", "router_placement",
             "data_weights.general"} == set(spec.space)
@@ -38,14 +38,16 @@ def test_the_default_search_file_fits_the_demo_run():
     ({"temprature": {"uniform": [0.5, 2.0]}}, "space.temprature", "did you mean 'temperature'"),
     ({"data_weights.finance": 2.0}, "space.data_weights.finance", "unknown hyperparameter"),
     ({"top_k": {"choice": []}}, "space.top_k", "non-empty list"),
-    ({"top_k": {"choice": [None, 1, 3]}}, "space.top_k", "routes 2 experts"),
-    ({"top_k": 0}, "space.top_k", "not allowed"),
+    ({"top_k": {"choice": [None, 1, 3]}}, "space.top_k", r"3 is not allowed: top_k=3 must be in 1\.\.2"),
+    ({"top_k": 0}, "space.top_k", "not allowed: must be >= 1"),
     ({"steps": {"uniform": [8, 16]}}, "space.steps", "choice, grid or randint"),
-    ({"router_placement": {"choice": ["layer", "row"]}}, "space.router_placement", "layer or block"),
+    ({"router_placement": {"choice": ["layer", "row"]}}, "space.router_placement",
+     r"'row' is not allowed: must be one of \['layer', 'block'\]"),
     ({"lr": {"loguniform": [0, 0.1]}}, "space.lr", "low > 0"),
     ({"lr": {"uniform": [0.1, 0.01]}}, "space.lr", "low < high"),
     ({"lr": {"normal": [0, 1]}}, "space.lr", "one key of"),
-    ({"temperature": -1.0}, "space.temperature", "> 0"),
+    ({"temperature": -1.0}, "space.temperature", "-1.0 is not allowed: must be > 0"),
+    ({"temperature": "hot"}, "space.temperature", "'hot' is not allowed: must be float"),
 ])
 def test_bad_spaces_name_the_hyperparameter_and_the_file(tmp_path, space, field, message):
     with pytest.raises(ConfigError, match=message) as caught:
@@ -54,12 +56,21 @@ def test_bad_spaces_name_the_hyperparameter_and_the_file(tmp_path, space, field,
 
 
 def test_a_hyperparameter_the_method_does_not_read_is_unknown(tmp_path):
-    from modula_ray.experts import method_class
-
+    mode = load_config(PipelineConfig, ROOT / "jobs/configs/tiny.yaml", ["method=mode"])
     path = write(tmp_path, {"router_placement": {"choice": ["layer", "block"]}})
-    load_spec(path, n_routed=2, data_domains=DOMAINS, options=method_class("modula_res").options)
+    load_spec(path, RUN)
     with pytest.raises(ConfigError, match="unknown hyperparameter 'router_placement'"):  # mode's gates sit per block
-        load_spec(path, n_routed=3, data_domains=DOMAINS, options=method_class("mode").options)
+        load_spec(path, mode)
+
+
+def test_method_settings_are_checked_by_the_method_s_config_class(tmp_path):
+    """top_k against the run's routed experts: MoDE routes the backbone too (3 over 2 domains)."""
+    mode = load_config(PipelineConfig, ROOT / "jobs/configs/tiny.yaml", ["method=mode"])
+    path = write(tmp_path, {"top_k": {"choice": [None, 3]}})
+    load_spec(path, mode)
+    with pytest.raises(ConfigError, match=r"top_k=3 must be in 1\.\.2 \(the 2 routed experts\)") as caught:
+        load_spec(path, RUN)
+    assert caught.value.field == "space.top_k"
 
 
 @pytest.mark.parametrize("sections, field", [
@@ -81,13 +92,13 @@ def test_bad_settings_name_the_field(tmp_path, sections, field):
 
 def test_command_line_counts_win_and_grids_multiply(tmp_path):
     path = write(tmp_path, {"lr": {"grid": [0.01, 0.02, 0.03]}, "top_k": {"choice": [None, 1]}})
-    spec = load_spec(path, n_routed=2, data_domains=DOMAINS, num_samples=2, max_concurrent=1)
+    spec = load_spec(path, RUN, num_samples=2, max_concurrent=1)
     assert (spec.search.num_samples, spec.search.max_concurrent) == (2, 1)
     assert spec.expected_trials() == 6
-    grid = load_spec(path, n_routed=2, data_domains=DOMAINS, num_samples=1)
+    grid = load_spec(path, RUN, num_samples=1)
     grid.search.algorithm = "grid"
     assert grid.expected_trials() == 6  # every choice is a grid too
-    assert spec.fingerprint() == load_spec(path, n_routed=2, data_domains=DOMAINS, num_samples=2,
+    assert spec.fingerprint() == load_spec(path, RUN, num_samples=2,
                                            max_concurrent=3).fingerprint()  # concurrency is not the search
     assert spec.fingerprint() != grid.fingerprint()
 
@@ -129,7 +140,7 @@ def test_the_default_space_converts_to_optuna_distributions():
     from ray.tune.search.optuna import OptunaSearch
 
     demo = load_config(PipelineConfig, ROOT / "jobs/configs/demo.yaml")
-    spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", n_routed=4, data_domains=demo.domains + ["general"])
+    spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", demo)
     spec.search.algorithm = "optuna"
     converted = dict(OptunaSearch.convert_search_space(tune_space(spec)))
     assert set(converted) == set(spec.space)

@@ -30,6 +30,7 @@ class CodeSource(ReasoningGymSource):
     domain = "code"
     description = "reasoning-gym bf and codeio (train/val/test); HumanEval (test only)"
     generators = ("bf", "codeio")
+    program_generators = ("codeio",)  # runs each item's reference program, which may touch files
     max_prompt_chars = 2000
 
     def held_out(self, seed: int, quota: Quota) -> list[dict]:

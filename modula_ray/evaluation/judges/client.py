@@ -1,29 +1,26 @@
 """A judge is any OpenAI-compatible chat-completions endpoint.
 
-``JudgeClient`` calls ``POST {base_url}/chat/completions`` at temperature 0, at most
-``concurrency`` at once, retrying connection errors, 408, 429 and 5xx with exponential backoff
-(``Retry-After`` honoured), never a 4xx of ours. Every reply is cached on disk under a key of
-(prompt, judge model, rubric version), so a re-run costs nothing and a changed rubric (a new
-version) is judged again. Where the judge is: ``JudgeConfig.from_env()`` reads
-``MODULA_RAY_JUDGE_URL`` / ``_MODEL`` / ``_KEY``; the default is this project's own endpoint,
-``modula-ray serve --base smollm2-135m`` on 127.0.0.1:8000.
+``JudgeClient`` asks it through the ``openai`` client at temperature 0, at most ``concurrency``
+at once. The client retries connection errors, timeouts, 408, 409, 429 and 5xx up to ``retries``
+times (exponential backoff from 0.5 s, ``Retry-After`` honoured), never another 4xx. Every reply
+is cached on disk under a key of (prompt, judge model, rubric version), so a re-run costs nothing
+and a changed rubric (a new version) is judged again. Where the judge is:
+``JudgeConfig.from_env()`` reads ``MODULA_RAY_JUDGE_URL`` / ``_MODEL`` / ``_KEY``; the default is
+this project's own endpoint, ``modula-ray serve --base smollm2-135m`` on 127.0.0.1:8000.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import MissingPackageError
 from ...fileio import atomic_write_json
 
 DEFAULT_URL, DEFAULT_MODEL = "http://127.0.0.1:8000/v1", "smollm2-135m"
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -36,8 +33,7 @@ class JudgeConfig:
     model: str = DEFAULT_MODEL
     api_key: str | None = None
     concurrency: int = 4
-    retries: int = 4
-    backoff_s: float = 0.5
+    retries: int = 4  # the openai client's max_retries
     timeout_s: float = 120.0
     max_tokens: int = 96
 
@@ -57,34 +53,36 @@ class JudgeClient:
     cache_dir: Path
     stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0})
 
+    def __post_init__(self):
+        try:
+            import openai
+        except ImportError:
+            raise MissingPackageError("openai", "pip install openai") from None
+        self.openai_client = openai.OpenAI(base_url=self.config.base_url, api_key=self.config.api_key or "unused",
+                                           timeout=self.config.timeout_s, max_retries=self.config.retries)
+
     def _key(self, system: str, prompt: str, version) -> str:
         text = json.dumps([system, prompt, self.config.model, str(version)])
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @property
+    def url(self) -> str:
+        return self.config.base_url.rstrip("/") + "/chat/completions"
+
     def _post(self, system: str, prompt: str) -> str:
-        body = {"model": self.config.model, "temperature": 0, "max_tokens": self.config.max_tokens,
-                "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]}
-        headers = {"Content-Type": "application/json"}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        url, last = self.config.base_url.rstrip("/") + "/chat/completions", None
-        for attempt in range(self.config.retries + 1):
-            request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            wait = self.config.backoff_s * 2 ** attempt
-            try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as error:
-                if error.code not in RETRY_STATUS:
-                    raise JudgeUnavailableError(f"{url}: HTTP {error.code}: {error.read()[:300]!r}") from None
-                last = f"HTTP {error.code}"
-                wait = max(wait, float(error.headers.get("Retry-After") or 0))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                last = repr(error)
-            if attempt < self.config.retries:
-                self.stats["retries"] += 1
-                time.sleep(wait)
-        raise JudgeUnavailableError(f"{url}: no answer after {self.config.retries + 1} tries ({last})")
+        import openai
+
+        try:
+            raw = self.openai_client.chat.completions.with_raw_response.create(
+                model=self.config.model, temperature=0, max_tokens=self.config.max_tokens,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+        except openai.APIStatusError as error:  # after the client's retries if the status allows them
+            raise JudgeUnavailableError(f"{self.url}: HTTP {error.status_code}: {error.message[:300]}") from None
+        except openai.APIError as error:  # connection errors and timeouts, after every retry
+            raise JudgeUnavailableError(f"{self.url}: no answer after {self.config.retries + 1} tries "
+                                        f"({error!r})") from None
+        self.stats["retries"] += raw.retries_taken
+        return raw.parse().choices[0].message.content or ""
 
     def ask(self, system: str, prompt: str, version) -> str:
         """The judge's reply to ``prompt``: from the cache, or from the endpoint (then cached)."""

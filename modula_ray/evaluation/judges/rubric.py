@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...assets import asset
 from ...errors import ConfigError
 
-JUDGES_DIR = Path(__file__).resolve().parents[3] / "eval" / "judges"
+JUDGES_DIR = asset("eval", "judges")  # the rubrics shipped in the package
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ DEFAULT_RUBRIC = "ecommerce_generation"
 
 
 def judged_items(run_dir, rubric, limit: int | None) -> list[dict]:
-    from ...compose import read_manifest
+    from ...compose import Manifest
     from ...data.build import split_file
     from ...data.schema import read_split
 
-    data_dir = read_manifest(run_dir)["data"]["dir"]
+    data_dir = Manifest.read(run_dir)["data"]["dir"]
     rows = [r for r in read_split(split_file(data_dir, "ecommerce", "test")).to_pylist()
             if json.loads(r["meta"]).get("task") in rubric.tasks]
     return rows[:limit] if limit else rows
@@ -43,7 +43,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> li
 
 def run_judge_suite(run_dir, *, limit: int | None = None, config: JudgeConfig | None = None,
                     rubric_name: str = DEFAULT_RUBRIC) -> dict:
-    from ...compose import load_composition, read_manifest
+    from ...compose import Manifest, load_composition
     from ...models import load_base
 
     config, rubric = config or JudgeConfig.from_env(), load_rubric(rubric_name)
@@ -51,7 +51,7 @@ def run_judge_suite(run_dir, *, limit: int | None = None, config: JudgeConfig | 
     items = judged_items(run_dir, rubric, limit)
     prompts = [row["prompt"] for row in items]
     composed = answer(*load_composition(run_dir), prompts)
-    base = answer(*load_base(read_manifest(run_dir)["base_model"]["name"]), prompts)
+    base = answer(*load_base(Manifest.read(run_dir)["base_model"]["name"]), prompts)
     entry = {"judge": config.describe(), "rubric": f"{rubric.name} v{rubric.version}", "limit": limit,
              "composition": judge_answers(client, rubric, [{"question": p, "answer": a} for p, a in zip(prompts, composed)]),
              "base": judge_answers(client, rubric, [{"question": p, "answer": a} for p, a in zip(prompts, base)]),

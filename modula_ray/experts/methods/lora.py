@@ -3,13 +3,28 @@
 It is stored as the ``universal`` part so it exports, loads and counts like one. One ``joint``
 stage on all the data; adding a domain retrains it on the new mix.
 """
-from ..layer import METHODS, ExpertLinear
+from dataclasses import dataclass
+
+from ...errors import require
+from ..layer import METHODS, ExpertLinear, LinearExpertsConfig
 from ..reference import Terms
+
+
+@dataclass
+class LoraConfig(LinearExpertsConfig):
+    """lora reads ``universal_rank`` and ``universal_alpha`` (its one LoRA); it has no router, so
+    ``top_k`` stays null and ``router_placement`` layer."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.top_k is None, "top_k", "method 'lora' has no router")
+        require(self.router_placement == "layer", "router_placement", "method 'lora' has no router")
 
 
 @METHODS.register
 class LoRALinear(ExpertLinear):
     method = "lora"
+    config_class = LoraConfig
     parts = ("universal",)
     stages = ("universal", "joint")
     stage_plan = ("joint",)

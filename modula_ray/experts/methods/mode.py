@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import copy
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..contract import METHODS, ExpertModule
+from ...errors import require
+from ..contract import METHODS, ExpertModule, ExpertsConfig
 from ..placement import transformer_blocks
 from ..reference import reference_gates
 from ..router import Router
@@ -60,18 +62,58 @@ def _run(layers, hidden_states, args, kwargs):
 
 def default_spans(n_layers: int, num_blocks: int, block_layers: int) -> list[list[int]]:
     """``num_blocks`` spans of ``block_layers`` layers, each ending a ``1/num_blocks`` part of the model."""
-    if num_blocks * block_layers > n_layers:
-        raise ValueError(f"mode_num_blocks x mode_block_layers = {num_blocks} x {block_layers} exceeds the model's "
-                         f"{n_layers} layers")
     ends = [round((b + 1) * n_layers / num_blocks) for b in range(num_blocks)]
     return [[end - block_layers, end] for end in ends]
+
+
+@dataclass
+class ModeConfig(ExpertsConfig):
+    """mode: MoDE blocks over spans ``[start, end)`` of the decoder layers, one gate per block
+    (``top_k``, ``temperature``, ``router_bias`` set the gate; ``target_modules`` is not read: the
+    experts copy whole layers)."""
+
+    mode_blocks: list[list[int]] | None = None  # the blocks' spans; None: the default spans below
+    mode_num_blocks: int = 3                    # default: this many spans of mode_block_layers layers,
+    mode_block_layers: int = 2                  # each ending a 1/mode_num_blocks part of the model
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("mode_num_blocks", "mode_block_layers"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for i, span in enumerate(self.mode_blocks or []):
+            require(len(span) == 2 and 0 <= span[0] < span[1], f"mode_blocks[{i}]",
+                    f"a span is [start, end) with 0 <= start < end, got {span}")
+
+    @property
+    def router_placement(self) -> str:
+        """Where the gates sit: always one per MoDE block."""
+        return "block"
+
+    def spans(self, n_layers: int, layer_types: list[str] | None = None) -> list[list[int]]:
+        """The blocks' spans in a model of ``n_layers`` decoder layers, whose attention types
+        (``config.layer_types``, when the model has them) must not change inside a span."""
+        if self.mode_blocks:
+            spans, where = [list(span) for span in self.mode_blocks], "mode_blocks"
+        else:
+            n, k = self.mode_num_blocks, self.mode_block_layers
+            require(n * k <= n_layers, "mode_num_blocks",
+                    f"mode_num_blocks x mode_block_layers = {n} x {k} exceeds the model's {n_layers} layers")
+            spans, where = default_spans(n_layers, n, k), "mode_num_blocks"
+        taken = set()
+        for start, end in spans:
+            require(end <= n_layers and not taken & set(range(start, end)), where, f"span [{start}, {end}) is "
+                    f"outside the model's {n_layers} layers or overlaps another span ({spans})")
+            taken |= set(range(start, end))
+            require(not layer_types or len(set(layer_types[start:end])) == 1, where,
+                    f"span [{start}, {end}) mixes attention types {layer_types[start:end] if layer_types else None}")
+        return spans
 
 
 @METHODS.register
 class ModeBlock(ExpertModule):
     method = "mode"
     wraps = "blocks"
-    options = ("top_k", "temperature", "router_bias", "mode_blocks", "mode_num_blocks", "mode_block_layers")
+    config_class = ModeConfig
     parts = ("domain", "router")
     stages = ("experts", "router", "joint")
     stage_plan = ("experts", "joint")
@@ -79,17 +121,16 @@ class ModeBlock(ExpertModule):
     fixed_routed = ("backbone",)
     universal = None
 
-    def __init__(self, layers: list[nn.Module], n_domains: int, span: tuple[int, int], d_model: int, *,
-                 top_k: int | None = None, temperature: float = 1.0, router_bias: bool = False):
+    def __init__(self, layers: list[nn.Module], n_domains: int, span: tuple[int, int], d_model: int,
+                 config: ModeConfig | None = None, **settings):
         super().__init__()
-        if top_k is not None and not 1 <= top_k <= n_domains + 1:
-            raise ValueError(f"top_k={top_k} must be in 1..{n_domains + 1} (the backbone and {n_domains} experts)")
+        self.settings = s = self.configure(config, **settings)
+        s.check_routed(len(self.routed_names(range(n_domains))))
         self.n_domains, self.span = n_domains, tuple(span)
-        self.layer_kwargs = {"top_k": top_k, "temperature": temperature, "router_bias": router_bias}
         self.backbone = nn.ModuleList(layers).requires_grad_(False)
         self.experts = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for layer in layers) for _ in range(n_domains))
         like = next(self.backbone.parameters())
-        self.gate = Router(d_model, n_domains + 1, top_k=top_k, temperature=temperature, bias=router_bias,
+        self.gate = Router(d_model, n_domains + 1, top_k=s.top_k, temperature=s.temperature, bias=s.router_bias,
                            dtype=like.dtype, device=like.device)
         self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.set_stage("joint")
@@ -104,28 +145,17 @@ class ModeBlock(ExpertModule):
         return self.gate
 
     @classmethod
-    def inject_into(cls, model: nn.Module, n_domains: int, *, mode_blocks=None, mode_num_blocks: int = 3,
-                    mode_block_layers: int = 2, **gate_kwargs) -> None:
+    def inject_into(cls, model: nn.Module, n_domains: int, config: ModeConfig) -> None:
         """Replace each span of the model's decoder layers by a ``ModeBlock`` (and pass-throughs)."""
         blocks = transformer_blocks(model)
         if not blocks:
             raise ValueError("model: no transformer blocks (a ModuleList of layers with an input_layernorm)")
         list_path = next(iter(blocks)).rpartition(".")[0]
         layer_list = model.get_submodule(list_path)
-        spans = [list(s) for s in mode_blocks] if mode_blocks else default_spans(len(layer_list), mode_num_blocks,
-                                                                                  mode_block_layers)
-        taken = set()
-        for start, end in spans:
-            if not 0 <= start < end <= len(layer_list) or taken & set(range(start, end)):
-                raise ValueError(f"mode_blocks: span [{start}, {end}) is outside the model's {len(layer_list)} layers "
-                                 f"or overlaps another span ({spans})")
-            taken |= set(range(start, end))
-        types = getattr(getattr(model, "config", None), "layer_types", None)
+        spans = config.spans(len(layer_list), getattr(getattr(model, "config", None), "layer_types", None))
         d_model = next(layer_list[0].input_layernorm.parameters()).shape[-1]
         for start, end in spans:
-            if types and len({types[i] for i in range(start, end)}) > 1:
-                raise ValueError(f"mode_blocks: span [{start}, {end}) mixes attention types {types[start:end]}")
-            layer_list[start] = cls(list(layer_list[start:end]), n_domains, (start, end), d_model, **gate_kwargs)
+            layer_list[start] = cls(list(layer_list[start:end]), n_domains, (start, end), d_model, config)
             for i in range(start + 1, end):
                 layer_list[i] = SpanPassThrough(start)
 
@@ -158,8 +188,8 @@ class ModeBlock(ExpertModule):
         if self.stage == "experts":
             return _run(self.experts[0], hidden_states, args, kwargs)
         p = dict(self.gate.named_parameters())
-        kw = self.layer_kwargs
-        alpha = reference_gates(hidden_states, p["weight"], p.get("bias"), kw["top_k"], kw["temperature"])
+        alpha = reference_gates(hidden_states, p["weight"], p.get("bias"), self.settings.top_k,
+                                self.settings.temperature)
         y = alpha[..., 0:1] * _run(self.backbone, hidden_states, args, kwargs)
         for j, expert in enumerate(self.experts):
             y = y + alpha[..., j + 1:j + 2] * _run(expert, hidden_states, args, kwargs)
@@ -180,8 +210,8 @@ class ModeBlock(ExpertModule):
     def part_hparams(self, part: str) -> dict:
         if part == "domain":
             return {"span": list(self.span)}
-        kw = self.layer_kwargs
-        return {"top_k": kw["top_k"], "temperature": kw["temperature"], "bias": kw["router_bias"], "placement": "block"}
+        s = self.settings
+        return {"top_k": s.top_k, "temperature": s.temperature, "bias": s.router_bias, "placement": s.router_placement}
 
     @classmethod
     def stack(cls, blocks: list["ModeBlock"], where: str = "block") -> "ModeBlock":
@@ -192,7 +222,7 @@ class ModeBlock(ExpertModule):
             if other.span != first.span or any(not torch.equal(mine[k], theirs[k]) for k in mine):
                 raise ValueError(f"{where}: the blocks to stack sit over different backbone layers")
         stacked = cls(list(first.backbone), sum(b.n_domains for b in blocks), first.span, first.gate.weight.shape[1],
-                      **first.layer_kwargs)
+                      first.settings)
         experts = [expert for block in blocks for expert in block.experts]
         with torch.no_grad():
             for target, source in zip(stacked.experts, experts):

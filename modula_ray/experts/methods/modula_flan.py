@@ -7,13 +7,14 @@ trains one expert and the router.
 """
 import torch
 
-from ..layer import METHODS, ExpertLinear
+from ..layer import METHODS, ExpertLinear, LinearExpertsConfig
 from ..reference import Terms
 
 
 @METHODS.register
 class ModulaFlanLinear(ExpertLinear):
     method = "modula_flan"
+    config_class = LinearExpertsConfig  # ranks, alphas, dropout, router
     parts = ("universal", "domain", "router")
     stages = ("universal", "experts", "router", "joint")
     stage_plan = ("universal", "experts", "router")

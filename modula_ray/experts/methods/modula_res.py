@@ -8,7 +8,7 @@ adding a domain trains one expert and the router.
 import torch
 import torch.nn.functional as F
 
-from ..layer import METHODS, ExpertLinear
+from ..layer import METHODS, ExpertLinear, LinearExpertsConfig
 from ..reference import Terms
 
 NEGATIVE_SLOPE = 0.01
@@ -17,6 +17,7 @@ NEGATIVE_SLOPE = 0.01
 @METHODS.register
 class ModulaResLinear(ExpertLinear):
     method = "modula_res"
+    config_class = LinearExpertsConfig  # ranks, alphas, dropout, router
     parts = ("universal", "domain", "router")
     stages = ("universal", "experts", "router", "joint")
     stage_plan = ("universal", "experts", "router")

@@ -3,13 +3,14 @@
 No universal expert; experts and router train together in one ``joint`` stage, so adding a
 domain retrains every expert and the router.
 """
-from ..layer import METHODS, ExpertLinear
+from ..layer import METHODS, ExpertLinear, LinearExpertsConfig
 from ..reference import Terms
 
 
 @METHODS.register
 class MoLoRALinear(ExpertLinear):
     method = "molora"
+    config_class = LinearExpertsConfig  # ranks, alphas, dropout, router
     parts = ("domain", "router")
     stages = ("experts", "router", "joint")
     stage_plan = ("joint",)
