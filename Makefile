@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest
+
+# The inner loop: tests/unit only (no Ray, no server); every integration test is marked slow.
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -10,13 +10,15 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/integration`` is ``slow`` (it runs on Ray, a subprocess or a server;
+    ``make test-fast`` deselects them); ``gpu`` tests are skipped without CUDA."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+        if skip and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

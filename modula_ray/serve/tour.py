@@ -12,8 +12,6 @@ import socket
 import textwrap
 import time
 
-from ..errors import MissingPackageError
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -40,10 +38,7 @@ def routing_line(weights: dict[str, float] | None) -> str:
 
 
 def cmd_chat_tour(args) -> int:
-    try:
-        import openai
-    except ImportError:
-        raise MissingPackageError("openai", "pip install openai") from None
+    import openai
     import ray
     from ray import serve
 

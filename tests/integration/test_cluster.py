@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modula_ray.train.ledger import overlaps
+from tests.integration.test_eval import loss_of
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,14 +34,16 @@ def local_cluster(tmp_path):
         subprocess.run(["bash", "cluster/local.sh", "down"], cwd=ROOT, env=env, timeout=120)
 
 
-def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tmp_path):
+def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_data, tmp_path):
+    """The tiny pipeline with ``method: modula_flan`` (the tiny run elsewhere is modula_res) on the
+    shared tiny data; at the end lm-eval's ``--model modula`` scores the flan composition."""
     run_dir = tmp_path / "run"
     status = subprocess.run(["bash", "cluster/local.sh", "status"], cwd=ROOT, env=local_cluster,
                             capture_output=True, text=True, timeout=60).stdout
     assert "pool_head" in status and "pool_worker" in status
     submit = [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", local_cluster["RAY_ADDRESS"],
               "--working-dir", ".", "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml",
-              "--out", str(run_dir),
+              "--out", str(run_dir), "--set", "method=modula_flan", "--set", f"data.dir={tiny_data}",
               "--set", "stages.experts.domains.math.scaling.node_labels={pool: head}",
               "--set", "stages.experts.domains.code.scaling.node_labels={pool: worker}",
               # long enough (about 5 s) that "trained at the same time" means something
@@ -72,13 +75,14 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tmp_pat
     twin = tmp_path / "twin"
     shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("ray"))
     evaluate = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "eval", str(run_dir), str(twin), "--suite",
-                               "domain", "--limit", "1", "--report", str(tmp_path / "side.md")],
+                               "general", "--limit", "1", "--report", str(tmp_path / "side.md")],
                               cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=600)
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
     ran_on = re.findall(r"evaluated by a Ray task on node (\w+) \(pid (\d+)\)", evaluate.stdout)
     assert len(ran_on) == 2 and {node for node, _ in ran_on} == set(nodes.values()), evaluate.stdout[-2000:]
     assert all((folder / "eval" / "results.json").is_file() for folder in (run_dir, twin))
-    assert "| modula_res (twin) |" in (tmp_path / "side.md").read_text()
+    assert "| modula_flan (twin) |" in (tmp_path / "side.md").read_text()
+    loss_of(run_dir)  # lm-eval's --model modula evaluates a flan run (held to HFLM, unlike the base model)
 
 
 def node_ids_by_pool(env: dict) -> dict[str, str]:

@@ -3,33 +3,13 @@ with its tables and figures, a rerun that recomputes nothing, a failed part that
 dependents and is picked up by the next rerun; then ``modula-ray chat-tour`` over the result with
 the openai client."""
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import digests
+from .conftest import JUDGED, digests
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "jobs" / "configs" / "tiny-experiment.yaml"
-JUDGED = ["--set", "eval.judge_limit=1", "--set", "eval.judge_model=tiny-llama"]  # the tiny model judges on Serve
-
-
-@pytest.fixture(scope="module")
-def experiment(ray_local, tmp_path_factory):
-    """The tiny experiment (molora and modula_res, 1 seed, finance added, 1 tuning trial), with 1
-    judged item each, and its output; and the Serve actors left once it returned."""
-    import ray
-
-    from modula_ray.cli import main
-
-    out = tmp_path_factory.mktemp("experiment") / "out"
-    code = main(["experiment", "paper", "--config", str(CONFIG), "--out", str(out), *JUDGED])
-    serve_left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE" in a["name"]]
-    return CONFIG, out, code, serve_left
+pytestmark = pytest.mark.slow
 
 
 def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment):
@@ -144,15 +124,15 @@ def test_another_experiment_into_the_same_folder_is_refused(experiment):
     assert main(["experiment", "paper", "--config", str(config), "--out", str(out), "--set", "steps_per_part=3"]) == 2
 
 
-def test_the_chat_tour_answers_one_question_per_domain_with_routing_weights(experiment):
+def test_the_chat_tour_answers_one_question_per_domain_with_routing_weights(experiment, capsys):
+    from modula_ray.cli import main
+
     _, out, *_ = experiment
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([str(Path(sys.executable).parent / "modula-ray"), "chat-tour", str(out / "seed0" / "modula_res+finance"),
-                           "--max-tokens", "6"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["chat-tour", str(out / "seed0" / "modula_res+finance"), "--max-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
     for domain in ("math", "code", "finance"):
-        assert f"[{domain}] " in done.stdout
-    weights = re.findall(r"routing: ((?:\w+ \d\.\d\d\s*)+)", done.stdout)
+        assert f"[{domain}] " in printed
+    weights = re.findall(r"routing: ((?:\w+ \d\.\d\d\s*)+)", printed)
     assert len(weights) == 3
     for line in weights:
         values = dict(re.findall(r"(\w+) (\d\.\d\d)", line))

@@ -1,20 +1,12 @@
 """MoDE through the same machinery as every method: the tiny pipeline with ``method: mode``
 (stage 2 on two worker groups at once, then joint), add-domain with the old experts byte-identical,
-and a plain ``lm_eval --model modula`` command line. Serving it: test_serve.py."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+and ``--model modula`` in lm-eval. Serving it: test_serve.py."""
 import pytest
 import torch
 
 from tests.integration.conftest import copy_run, digests
 
 pytestmark = pytest.mark.slow
-TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_the_tiny_pipeline_runs_mode(mode_run):
@@ -53,14 +45,12 @@ def test_add_domain_keeps_the_old_experts_byte_identical(mode_run, tmp_path):
     assert added[1]["trainable_params"] == 2 * 4 * 64  # the gates alone: 2 blocks x (backbone + 3) x d
 
 
-def test_a_plain_lm_eval_command_line_evaluates_mode(mode_run, tmp_path):
-    cli = Path(sys.executable).with_name("lm_eval")
-    done = subprocess.run([str(cli), "--model", "modula", "--model_args", f"run={mode_run[0]}", "--include_path",
-                           str(TASKS), "--tasks", "modula_loss_math", "--limit", "2", "--output_path", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
-    assert done.returncode == 0, done.stderr[-3000:]
-    [results] = tmp_path.rglob("results_*.json")
-    assert json.loads(results.read_text())["results"]["modula_loss_math"]["nll_per_byte,none"] > 0
+def test_lm_eval_evaluates_mode(mode_run):
+    """``--model modula`` over a MoDE run scores what lm-eval's own HFLM scores over
+    ``load_composition``, and not what the base model alone scores."""
+    from tests.integration.test_eval import loss_of
+
+    loss_of(mode_run[0])
 
 
 def test_tune_searches_the_gates_as_the_router(mode_run, tmp_path):
@@ -72,12 +62,12 @@ def test_tune_searches_the_gates_as_the_router(mode_run, tmp_path):
     experts = {name: digests(run_dir / name) for name in ("experts/math", "experts/code")}
     space = tmp_path / "space.yaml"
     space.write_text("# modula-ray tune router --run RUN --space space.yaml\n" + yaml.safe_dump({
-        "search": {"num_samples": 2, "max_concurrent": 2}, "scheduler": {"name": "fifo"},
+        "search": {"num_samples": 1, "max_concurrent": 1}, "scheduler": {"name": "fifo"},
         "validation": {"rows": 2, "every": 3},
         "trial": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "torch_threads": 1},
         "space": {"lr": {"choice": [0.01, 0.05]}, "top_k": {"choice": [None, 2]}}}))
     out = tune_router(run_dir, space)
     router = out["manifest"]["router"]
-    assert router["routed"] == ["backbone", "math", "code"] and router["tuned"]["completed"] == 2
+    assert router["routed"] == ["backbone", "math", "code"] and router["tuned"]["completed"] == 1
     assert 0 <= out["best"]["routing_accuracy"] <= 1
     assert {name: digests(run_dir / name) for name in experts} == experts  # only the gates moved

@@ -7,6 +7,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from tests.integration.conftest import call, free_port
 
@@ -20,9 +21,9 @@ def client(url: str, key: str = "unused"):
 
 
 def test_health_and_models(served):
-    assert call(served.url, "/healthz") == (200, {"status": "ok", "models": ["hot", "tiny", "tiny-llama"]})
+    assert call(served.url, "/healthz") == (200, {"status": "ok", "models": ["hot", "plug", "tiny", "tiny-llama"]})
     status, models = call(served.url, "/v1/models")
-    assert status == 200 and [m["id"] for m in models["data"]] == ["hot", "tiny", "tiny-llama"]
+    assert status == 200 and [m["id"] for m in models["data"]] == ["hot", "plug", "tiny", "tiny-llama"]
 
 
 def test_the_openai_client_completes_and_chats(served):
@@ -56,12 +57,32 @@ def test_streamed_chat_and_completions_add_up_to_the_unstreamed_answer(served):
     assert [texts[0], texts[1]] == [c.text for c in sorted(plain.choices, key=lambda c: c.index)]
 
 
-def test_routing_is_reported_per_choice(served):
-    status, body = call(served.url, "/v1/completions", {"model": served.name, "prompt": ["1 + 1", "def f():"],
+def greedy_routing(run_dir, prompt: str, steps: int) -> tuple[str, dict[str, float]]:
+    """Reference, without Serve or a KV cache: greedy decoding by full forwards of the composition;
+    the mean gate per expert over the positions that produced each token, averaged over routers."""
+    from modula_ray.compose import load_composition
+    from modula_ray.evaluation.routing import captured_gates
+
+    model, tokenizer = load_composition(run_dir)
+    ids, total = tokenizer(prompt).input_ids, 0
+    with torch.no_grad(), captured_gates(model) as captured:
+        for _ in range(steps):
+            captured.clear()
+            logits = model(torch.tensor([ids])).logits
+            total = total + torch.stack([calls[-1][0, -1] for calls in captured.values()]).mean(dim=0)
+            ids = ids + [int(logits[0, -1].argmax())]
+    return tokenizer.decode(ids[-steps:]), dict(zip(["math", "code"], (total / steps).tolist()))
+
+
+def test_routing_is_reported_per_choice(served, tiny_run):
+    prompts = ["1 + 1", "def f():"]
+    status, body = call(served.url, "/v1/completions", {"model": served.name, "prompt": prompts,
                                                         "max_tokens": 3, "temperature": 0, "routing": True})
     assert status == 200 and len(body["routing"]) == 2
-    for routing in body["routing"]:
-        assert set(routing) == {"math", "code"} and sum(routing.values()) == pytest.approx(1.0, abs=1e-3)
+    for prompt, choice, routing in zip(prompts, sorted(body["choices"], key=lambda c: c["index"]), body["routing"]):
+        text, expected = greedy_routing(tiny_run[0], prompt, 3)
+        assert choice["text"] == text and choice["finish_reason"] == "length"
+        assert routing == pytest.approx(expected, abs=1e-4)
 
 
 def test_greedy_output_is_the_same_alone_and_batched_across_compositions(served):

@@ -33,7 +33,7 @@ def test_malformed_verdicts_are_counted_invalid_and_a_second_run_is_served_from_
 def test_overload_503s_are_retried_until_answered(served, tmp_path):
     """The tight application holds 4 generations; 12 judges at once overflow it."""
     config = JudgeConfig(base_url=f"{served.tight}/v1", model=served.name, api_key=API_KEY, concurrency=12,
-                         retries=8, backoff_s=0.2, max_tokens=48)
+                         retries=8, max_tokens=48)
     client = JudgeClient(config, tmp_path)
     replies = client.ask_all("system", [f"prompt {i}" for i in range(12)], "1")
     assert len(replies) == 12 and client.stats["calls"] == 12 and client.stats["retries"] >= 1
@@ -73,7 +73,7 @@ def test_a_well_formed_verdict_is_scored_pairwise_cancels_position_and_a_4xx_is_
     try:
         rubric = load_rubric("ecommerce_generation")
         client = JudgeClient(JudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="scripted",
-                                         retries=3, backoff_s=0.05), tmp_path)
+                                         retries=3), tmp_path)
         scored = judge_answers(client, rubric, ITEMS)
         assert scored["valid"] == 3 and scored["total"] == pytest.approx(9.0) and scored["out_of"] == 10
         pairs = [{"question": "q", "a": "Fresh Apples", "b": "apples"}, {"question": "q", "a": "apples", "b": "Fresh"}]

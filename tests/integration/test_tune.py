@@ -1,6 +1,6 @@
-"""Ray Tune over the tiny run's router: a real search (ASHA, 4 trials, 2 at once) whose best router is
-installed, the validation metrics checked against the evaluation package, an interrupted search
-resumed with Tuner.restore, and bad input refused before anything runs."""
+"""Ray Tune over the tiny run's router: one real search (ASHA, 4 trials, 2 at once) through the
+command line, interrupted with Ctrl-C and resumed with Tuner.restore, whose best router is installed;
+the validation metrics checked against the evaluation package; bad input refused before anything runs."""
 import json
 import os
 import signal
@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from modula_ray.ray_session import OFFLINE_ENV
 from tests.integration.conftest import copy_run
 
 pytestmark = pytest.mark.slow
-TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SPACE = {"search": {"algorithm": "random", "metric": "val_loss", "num_samples": 4, "max_concurrent": 2, "seed": 0},
          "scheduler": {"name": "asha", "grace_period": 4, "reduction_factor": 2},
          "validation": {"split": "val", "rows": 4, "every": 4},
@@ -35,14 +35,40 @@ def space_file(folder: Path, **search) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tuned(tiny_run, tmp_path_factory):
-    from modula_ray.tune.search import tune_router
+def _ended(line: str) -> bool:
+    return line.startswith("[tune]") and (" finished " in line or " stopped by the scheduler " in line)
 
+
+@pytest.fixture(scope="module")
+def tuned(tiny_run, ray_local, tmp_path_factory):
+    """One search as a user runs it: ``modula-ray tune router`` (joining this Ray), Ctrl-C (SIGINT)
+    once two trials ended, then the same command again, which restores the search and installs the
+    best router. ``(run_dir, manifest before, first output, ended trials' results then, second run)``."""
     run_dir = copy_run(tiny_run[0], tmp_path_factory.mktemp("tune") / "run")
     before = json.loads((run_dir / "manifest.json").read_text())
-    out = tune_router(run_dir, space_file(run_dir.parent), command="pytest tune")
-    return run_dir, before, out
+    command = [str(Path(sys.executable).with_name("modula-ray")), "tune", "router", "--run", str(run_dir),
+               "--space", str(space_file(run_dir.parent))]
+    env = {**os.environ, **OFFLINE_ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ended, deadline = [], time.monotonic() + 300
+    try:
+        for line in process.stdout:
+            if _ended(line):
+                ended.append(line.split()[1])
+            if len(ended) == 2 or time.monotonic() > deadline:
+                break
+        assert len(ended) == 2, "two trials did not end in time"
+        process.send_signal(signal.SIGINT)
+        first = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    experiment = run_dir / "tune" / "router"
+    results_then = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in ended}
+    interrupted = SimpleNamespace(returncode=process.returncode, stdout=first,
+                                  manifest=json.loads((run_dir / "manifest.json").read_text()))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return run_dir, before, interrupted, results_then, again
 
 
 def read_csv(run_dir):
@@ -54,7 +80,7 @@ def read_csv(run_dir):
 def test_search_records_every_trial_and_installs_the_best_router(tuned):
     from modula_ray.compose import part_sha256
 
-    run_dir, before, out = tuned
+    run_dir, before, *_ = tuned
     rows = read_csv(run_dir)
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     assert {r["status"] for r in rows} <= {"completed", "stopped"}
@@ -83,7 +109,7 @@ def test_search_records_every_trial_and_installs_the_best_router(tuned):
     assert [r["event"] for r in manifest["ledger"]].count("tune:router") == len(completed)
     assert manifest["domains"] == before["domains"]  # the experts were not touched
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (run_dir / "config.yaml").read_text().startswith("# pytest tune\n")
+    assert (run_dir / "config.yaml").read_text().startswith("# modula-ray tune router --run ")
     assert config["stages"]["router"]["lr"] == best["lr"] and config["experts"]["top_k"] == best["top_k"]
     # TensorBoard: Tune's events per trial, and each trial's per-step curves
     for row in rows:
@@ -98,7 +124,8 @@ def test_the_installed_router_validates_as_its_trial_reported(tuned, ray_local):
     from modula_ray.evaluation.validation import RouterValidation
     from modula_ray.train.task import StageTask
 
-    run_dir, _, out = tuned
+    run_dir = tuned[0]
+    best = next(row for row in read_csv(run_dir) if row["best"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     model, tokenizer = load_composition(run_dir)
     task = StageTask(key="check", stage="router", method=manifest["method"], domains=list(manifest["domains"]),
@@ -107,17 +134,15 @@ def test_the_installed_router_validates_as_its_trial_reported(tuned, ray_local):
                      max_length=512, validator_args=SPACE["validation"])
     metrics = RouterValidation(tokenizer, task)(model)
     for name in ("val_loss", "routing_accuracy", "load_balance"):
-        assert metrics[name] == pytest.approx(out["best"][name], rel=1e-4, abs=1e-5), name
+        assert metrics[name] == pytest.approx(best[name], rel=1e-4, abs=1e-5), name
 
 
-def test_a_plain_lm_eval_command_line_still_loads_the_tuned_run(tuned, tmp_path):
-    run_dir = tuned[0]
-    cli = Path(sys.executable).with_name("lm_eval")
-    done = subprocess.run([str(cli), "--model", "modula", "--model_args", f"run={run_dir}", "--include_path", str(TASKS),
-                           "--tasks", "modula_loss_math", "--limit", "2", "--output_path", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "|modula_loss_math" in done.stdout
+def test_lm_eval_scores_the_tuned_composition(tuned):
+    """``--model modula`` loads the run with the installed router (lineage and hashes checked) and
+    scores what lm-eval's HFLM scores over ``load_composition``."""
+    from tests.integration.test_eval import loss_of
+
+    loss_of(tuned[0])
 
 
 def test_tune_report_prints_the_table_and_writes_the_figures(tuned, capsys):
@@ -132,45 +157,21 @@ def test_tune_report_prints_the_table_and_writes_the_figures(tuned, capsys):
         assert (run_dir / "tune" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def _ended(line: str) -> bool:
-    return line.startswith("[tune]") and (" finished " in line or " stopped by the scheduler " in line)
-
-
-def test_an_interrupted_search_resumes_to_exactly_num_samples_trials(tiny_run, ray_local, tmp_path):
-    """Ctrl-C (SIGINT) to a running `modula-ray tune router` after two trials ended; the same command
-    again restores the search: 4 trials in all, none twice, and the ended ones are not rerun."""
-    run_dir = copy_run(tiny_run[0], tmp_path / "run")
-    command = [str(Path(sys.executable).with_name("modula-ray")), "tune", "router", "--run", str(run_dir),
-               "--space", str(space_file(tmp_path))]
-    env = {**os.environ, **OFFLINE, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    ended, deadline = [], time.monotonic() + 300
-    try:
-        for line in process.stdout:
-            if _ended(line):
-                ended.append(line.split()[1])
-            if len(ended) == 2 or time.monotonic() > deadline:
-                break
-        assert len(ended) == 2, "two trials did not end in time"
-        process.send_signal(signal.SIGINT)
-        rest = process.communicate(timeout=120)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, rest[-2000:]
-    assert "search interrupted" in rest
-    experiment = run_dir / "tune" / "router"
-    results_before = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in ended}
-    assert json.loads((run_dir / "manifest.json").read_text())["router"].get("tuned") is None  # nothing installed
-
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+def test_an_interrupted_search_resumes_to_exactly_num_samples_trials(tuned):
+    """Ctrl-C after two trials ended stops the search with nothing installed; the same command again
+    restores it: 4 trials in all, none twice, and the ended ones are not rerun."""
+    run_dir, _, interrupted, results_then, again = tuned
+    assert interrupted.returncode == 130, interrupted.stdout[-2000:]
+    assert "search interrupted" in interrupted.stdout
+    assert interrupted.manifest["router"].get("tuned") is None  # nothing installed
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "resuming the unfinished search" in again.stdout
+    experiment = run_dir / "tune" / "router"
     rows = read_csv(run_dir)
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     assert all(r["status"] in ("completed", "stopped") for r in rows)
     assert sorted(p.name for p in experiment.glob("trial_*")) == sorted(f"trial_{r['trial']}" for r in rows)
-    for trial, text in results_before.items():  # ended trials were kept, not trained again
+    for trial, text in results_then.items():  # ended trials were kept, not trained again
         assert (experiment / f"trial_{trial}" / "result.json").read_text() == text
         assert f"[tune] {trial} " not in again.stdout
     assert json.loads((run_dir / "manifest.json").read_text())["router"]["tuned"]["trials"] == 4
@@ -202,7 +203,7 @@ def test_bad_input_is_refused_before_anything_runs(bare_run, tmp_path, ray_local
     with pytest.raises(ConfigError, match="space.top_kk: unknown hyperparameter 'top_kk'; did you mean 'top_k'"):
         tune_router(bare_run, bad)
     bad.write_text(space.read_text().replace("- 2\n", "- 3\n"))  # top_k choices: null, 1, 3 > 2 routed
-    with pytest.raises(ConfigError, match="space.top_k: 3 is not allowed.*routes 2 experts"):
+    with pytest.raises(ConfigError, match="space.top_k: 3 is not allowed.*the 2 routed experts"):
         tune_router(bare_run, bad)
     _manifest_edit(bare_run, lambda m: m["domains"]["code"].update(path=None))
     with pytest.raises(ArtifactError, match=r"no trained experts for \['code'\]"):

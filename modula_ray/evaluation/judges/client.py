@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import MissingPackageError
 from ...fileio import atomic_write_json
 
 DEFAULT_URL, DEFAULT_MODEL = "http://127.0.0.1:8000/v1", "smollm2-135m"
@@ -54,10 +53,8 @@ class JudgeClient:
     stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0})
 
     def __post_init__(self):
-        try:
-            import openai
-        except ImportError:
-            raise MissingPackageError("openai", "pip install openai") from None
+        import openai
+
         self.openai_client = openai.OpenAI(base_url=self.config.base_url, api_key=self.config.api_key or "unused",
                                            timeout=self.config.timeout_s, max_retries=self.config.retries)
 
