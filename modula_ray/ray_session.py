@@ -20,8 +20,7 @@ launcher reads back from the rank-0 worker log (see ``train.launcher.ProgressTai
 one, Ray logs warnings and errors only; our own ``ray: ...`` line says where Ray runs.
 
 This module sits below train/, tune/ and serve/ (serve never imports train, DESIGN §3), so that
-they all share it; it is the one module outside them and the CLI that imports Ray, and only
-inside its functions.
+they all share it; it imports Ray only inside its functions.
 """
 from __future__ import annotations
 
