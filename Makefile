@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	  if [ -n "$$problems" ]; then echo "$$problems"; exit 1; fi
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m modula_ray.evaluation.lm_eval_hook   # lm_eval --model modula (see that module)
+	$(PY) -m modula_ray.train.deepspeed_ops       # DeepSpeed's CPU all-reduce op, compiled once (see that module)
 	@touch $(STAMP)
 
 # The product tour on the embedded default (SmolLM2-135M-Instruct, in-process Ray, 2 CPU cores):

@@ -33,6 +33,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from ..errors import ModulaError
+from ..hooks import hook
 from .config import ServeArgs, deployment_options, parse_args
 from .generation import BatchDecoder, GenerationRequest
 from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
@@ -88,6 +89,7 @@ class CompositionServer:
         self.roots = [*self.args.runs, *self.args.admin_roots]
         self.known: weakref.WeakValueDictionary[str, Composition] = weakref.WeakValueDictionary()
         self.in_flight, self.broken, self.background = 0, None, set()
+        self.decode_hook = hook(self.args.decode_hook)
         # Serve ships this class by value, with its own copy of ``api``; the middleware runs from the
         # imported module, so set the limit on that module's app.
         from modula_ray.serve import app as imported
@@ -166,7 +168,8 @@ class CompositionServer:
             raise HTTPException(422, f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) is over the "
                                      f"model's context of {window} tokens")
         return GenerationRequest(ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                 seed=body.seed, stop=body.stops(), routing=body.routing, logprobs=logprobs, echo=echo)
+                                 seed=body.seed, stop=body.stops(), routing=body.routing, logprobs=logprobs, echo=echo,
+                                 ignore_eos=body.ignore_eos)
 
     # -- generation ------------------------------------------------------------------------------
     async def _events(self, loaded: Loaded, requests: list[GenerationRequest]):
@@ -226,6 +229,8 @@ class CompositionServer:
         for index, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(index)
         try:
+            if self.decode_hook:
+                self.decode_hook([request for _, request in items])
             decoders = [(rows, await asyncio.to_thread(BatchDecoder, items[rows[0]][0].model,
                                                        items[rows[0]][0].tokenizer, [items[i][1] for i in rows]))
                         for rows in groups.values()]

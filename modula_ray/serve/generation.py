@@ -8,7 +8,8 @@ token, so a caller can stream; ``generate_batch`` runs it to the end.
 - one prefill forward, then one decode forward per step over the **KV cache**;
 - each request stops on its own: ``max_tokens`` (``finish_reason="length"``), EOS or one of its
   ``stop`` strings (``"stop"``; the text is cut before the stop string), or ``cancel()`` (the
-  client left: the row stops decoding). A finished row feeds padding until the batch is done;
+  client left: the row stops decoding); with ``ignore_eos`` an EOS is an ordinary (textless)
+  token. A finished row feeds padding until the batch is done;
 - sampling per request: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature), cut
   to the smallest set whose mass reaches ``top_p``, drawn with the request's own ``seed`` (a
   ``torch.Generator`` per row, so a request draws the same tokens whatever it is batched with);
@@ -41,6 +42,7 @@ class GenerationRequest:
     routing: bool = False
     logprobs: int | None = None
     echo: bool = False
+    ignore_eos: bool = False                 # vLLM's option: EOS is an ordinary token, only length/stop end
     cancelled: bool = field(default=False, compare=False)
 
     def __post_init__(self):
@@ -197,7 +199,7 @@ class BatchDecoder:
     def _advance(self, row: int, token: int) -> StepEvent:
         request = self.requests[row]
         self.tokens[row].append(token)
-        if token in self.eos:
+        if token in self.eos and not request.ignore_eos:
             self.reasons[row] = "stop"
         else:
             text = self.tokenizer.decode([t for t in self.tokens[row] if t not in self.eos], skip_special_tokens=True)

@@ -40,6 +40,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     routing: bool = False           # modula-ray: also return the mean gate per expert
+    ignore_eos: bool = False        # vLLM's extension: decode past EOS to max_tokens or a stop string
 
     @field_validator("stop")
     @classmethod

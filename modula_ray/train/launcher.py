@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import StageFailedError
-from ..models import cache_dir
 from ..ray_session import OFFLINE_ENV
 from .ledger import make_record
+from .deepspeed_ops import extensions_dir
 from .task import StageTask
 
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 otherwise logs every worker print() twice.
@@ -26,8 +26,7 @@ WORKER_ENV = {**OFFLINE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_env() -> dict:
-    cache = cache_dir()
-    return {**WORKER_ENV, "MODULA_RAY_CACHE": str(cache), "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions")}
+    return {**WORKER_ENV, "MODULA_RAY_CACHE": str(extensions_dir().parent), "TORCH_EXTENSIONS_DIR": str(extensions_dir())}
 
 
 class ProgressTail:

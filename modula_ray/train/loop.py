@@ -13,8 +13,6 @@ reduced over ranks to the earliest start and the latest end.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import resource
 import sys
@@ -30,6 +28,7 @@ from ..compose import build_model
 from ..data.formatting import EncodeStats, collate, encode_rows, pack
 from ..experts import forward_parameter_count, save_part, trainable_parameters
 from ..experts.serialization import part_tensors, tensors_sha256
+from ..hooks import hook, imported
 from . import checkpointing
 from .engine import make_engine
 from .observe import Observer
@@ -87,12 +86,6 @@ class TrainState:
     validation: dict = field(default_factory=dict)
 
 
-def _imported(reference: str):
-    """The object that ``"module:name"`` names."""
-    module, _, name = reference.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _all_reduce(values: list[float], op: str, world: int, device) -> list[float]:
     if world == 1:
         return values
@@ -139,7 +132,7 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
     params = trainable_parameters(model)
     trainable, forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
     engine = make_engine(model, params, hp, world, task.dtype)
-    validate = _imported(task.validator)(tokenizer, task) if task.validator else None
+    validate = imported(task.validator)(tokenizer, task) if task.validator else None
     return TrainState(task=task, rank=rank, world=world, device=device, tokenizer=tokenizer, examples=examples,
                       stats=stats, schedule=schedule, engine=engine, params=params, trainable_params=trainable,
                       forward_params=forward, validate=validate)
@@ -258,11 +251,8 @@ def finish(state: TrainState, node_id: str) -> dict:
 
 
 def after_step_hook(task: StageTask) -> Callable[[TrainState], None]:
-    """``task.after_step`` (``{"call": "module:function", **kwargs}``, set only by tests) as ``hook(state)``."""
-    if not task.after_step:
-        return lambda state: None
-    kwargs = dict(task.after_step)
-    return functools.partial(_imported(kwargs.pop("call")), **kwargs)
+    """``task.after_step`` (set only by tests, ``hooks.py``) as ``hook(state)``."""
+    return hook(task.after_step) or (lambda state: None)
 
 
 def _read_rows(shard) -> list[dict]:

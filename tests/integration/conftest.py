@@ -169,7 +169,7 @@ def served(ray_local, tiny_run, experiment, tmp_path_factory):
 
     - ``/``: the tiny run (``tiny``), a copy of it under a hot-plug root (``hot``), a second copy that
       only the hot-plug test changes (``plug``) and the base model alone (``tiny-llama``), with an
-      admin token;
+      admin token; it logs the prompts of each batch to ``batches``;
     - ``/tight``: the tiny run with an API key and small limits (batch 2, queue 2, 1.5 s, 4 KiB);
     - ``/pair``: ``plug`` again on two replicas, which follow a hot-plug made through ``/``.
     """
@@ -187,9 +187,11 @@ def served(ray_local, tiny_run, experiment, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.5}}  # room for add_domain's Train workers beside them
     # room for every model here and the admin test's failed plug, whose load would evict one (LRU)
+    batches = roots / "batches.jsonl"  # which prompts shared each batch of the main app
     serve.run(build_app([tiny_run[0], hot, plug], base_models=["tiny-llama"], admin_token=ADMIN_TOKEN,
-                        admin_roots=[str(roots)], max_models_per_replica=8, deployment=small), name="main",
-              route_prefix="/")
+                        admin_roots=[str(roots)], max_models_per_replica=8, deployment=small,
+                        decode_hook={"call": "tests.integration.faults:record_batch", "path": str(batches)}),
+              name="main", route_prefix="/")
     serve.run(build_app([tiny_run[0]], api_key=API_KEY, max_batch_size=2, max_queued_requests=2,
                         request_timeout_s=1.5, max_body_bytes=4096, deployment=small), name="tight",
               route_prefix="/tight")
@@ -197,6 +199,7 @@ def served(ray_local, tiny_run, experiment, tmp_path_factory):
               name="pair", route_prefix="/pair")
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", name=tiny_run[0].name, hot=hot, plug=plug, outside=outside,
+                              batches=batches,
                               tight=f"http://127.0.0.1:{port}/tight", pair=f"http://127.0.0.1:{port}/pair")
     finally:
         serve.shutdown()

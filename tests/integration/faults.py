@@ -1,6 +1,10 @@
-"""Fault injection for the resume tests: ``crash(monkeypatch, stage, step)`` makes the trainers started
-afterwards call ``crash_once`` after every optimizer step (``StageTask.after_step``) in their workers.
-Ray imports this module in the worker, from the driver's working directory (the repo root)."""
+"""Hooks (``modula_ray/hooks.py``) that tests set where the product runs. Ray imports this module in
+the worker or replica, from the driver's working directory (the repo root).
+
+- ``crash(monkeypatch, stage, step)`` makes the trainers started afterwards call ``crash_once``
+  after every optimizer step (``StageTask.after_step``) in their workers;
+- ``fail_decode_once`` and ``record_batch`` are a Serve app's ``decode_hook``: the first fails one
+  batch's decode (the replica is then broken), the second logs which prompts shared each batch."""
 import json
 import os
 import time
@@ -33,3 +37,16 @@ def crash(monkeypatch, stage: str, step: int, run_dir=None) -> None:
     ``stage`` once, after ``step``."""
     monkeypatch.setenv(AFTER_STEP_ENV, json.dumps({"call": f"{__name__}:crash_once", "stage": stage, "step": step,
                                                    "run_dir": None if run_dir is None else str(run_dir)}))
+
+
+def fail_decode_once(requests, *, marker: str) -> None:
+    """Fail the first batch a replica decodes after ``marker`` is written (then never again)."""
+    if not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        raise RuntimeError("injected decode failure")
+
+
+def record_batch(requests, *, path: str) -> None:
+    """Append one JSON line per batch: the prompt token ids of its requests."""
+    with open(path, "a") as log:
+        log.write(json.dumps([request.prompt_ids for request in requests]) + "\n")

@@ -1,6 +1,6 @@
 """`ray job submit` of the tiny pipeline to a real 2-node cluster started by cluster/local.sh, then
-a local `modula-ray add-domain` beside that cluster, as the README shows it, and `modula-ray eval`
-of two runs as one Ray task each, one per node."""
+a local `modula-ray eval` that joins that cluster through RAY_ADDRESS=http://... (as the README's
+next steps do) and evaluates two runs as one Ray task each, one per node."""
 import json
 import os
 import re
@@ -60,24 +60,16 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_da
     assert experts["code"]["nodes"] == [nodes["worker"]], "code did not run on the worker node"
     assert (run_dir / "config.yaml").read_text().startswith("# python jobs/pipeline.py --config")
 
-    # The README's next step: with RAY_ADDRESS=http://... still set, a local command joins the cluster.
+    # Evaluating several runs on the cluster: one Ray task per run folder, spread over the nodes. With
+    # RAY_ADDRESS=http://... (the dashboard, as for job submit) a local command joins the cluster.
     assert local_cluster["RAY_ADDRESS"].startswith("http://")
-    add = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "add-domain", "finance", "--run", str(run_dir)],
-                         cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=600)
-    assert add.returncode == 0, add.stdout[-3000:] + add.stderr[-3000:]
-    assert "joined the cluster at http://127.0.0.1:8265" in add.stdout
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    added = [r for r in manifest["ledger"] if r["event"] == "add-domain:finance"]
-    assert [(r["stage"], r["domain"]) for r in added] == [("experts", "finance"), ("router", None)]
-    assert all(set(r["nodes"]) <= set(nodes.values()) for r in added)
-
-    # Evaluating several runs on the cluster: one Ray task per run folder, spread over the nodes.
     twin = tmp_path / "twin"
     shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("ray"))
     evaluate = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "eval", str(run_dir), str(twin), "--suite",
                                "general", "--limit", "1", "--report", str(tmp_path / "side.md")],
                               cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=600)
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    assert "ray: joined the cluster at http://127.0.0.1:8265" in evaluate.stdout
     ran_on = re.findall(r"evaluated by a Ray task on node (\w+) \(pid (\d+)\)", evaluate.stdout)
     assert len(ran_on) == 2 and {node for node, _ in ran_on} == set(nodes.values()), evaluate.stdout[-2000:]
     assert all((folder / "eval" / "results.json").is_file() for folder in (run_dir, twin))

@@ -4,6 +4,7 @@ itself with Ctrl-C. Every loop is bounded; every call has a timeout."""
 import json
 import shutil
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -59,7 +60,8 @@ def test_streamed_chat_and_completions_add_up_to_the_unstreamed_answer(served):
 
 def greedy_routing(run_dir, prompt: str, steps: int) -> tuple[str, dict[str, float]]:
     """Reference, without Serve or a KV cache: greedy decoding by full forwards of the composition;
-    the mean gate per expert over the positions that produced each token, averaged over routers."""
+    the mean gate per expert over the positions that produced each token, averaged over routers.
+    EOS is decoded past, as the request asks (``ignore_eos``)."""
     from modula_ray.compose import load_composition
     from modula_ray.evaluation.routing import captured_gates
 
@@ -71,13 +73,14 @@ def greedy_routing(run_dir, prompt: str, steps: int) -> tuple[str, dict[str, flo
             logits = model(torch.tensor([ids])).logits
             total = total + torch.stack([calls[-1][0, -1] for calls in captured.values()]).mean(dim=0)
             ids = ids + [int(logits[0, -1].argmax())]
-    return tokenizer.decode(ids[-steps:]), dict(zip(["math", "code"], (total / steps).tolist()))
+    return tokenizer.decode(ids[-steps:], skip_special_tokens=True), dict(zip(["math", "code"], (total / steps).tolist()))
 
 
 def test_routing_is_reported_per_choice(served, tiny_run):
     prompts = ["1 + 1", "def f():"]
     status, body = call(served.url, "/v1/completions", {"model": served.name, "prompt": prompts,
-                                                        "max_tokens": 3, "temperature": 0, "routing": True})
+                                                        "max_tokens": 3, "temperature": 0, "routing": True,
+                                                        "ignore_eos": True})
     assert status == 200 and len(body["routing"]) == 2
     for prompt, choice, routing in zip(prompts, sorted(body["choices"], key=lambda c: c["index"]), body["routing"]):
         text, expected = greedy_routing(tiny_run[0], prompt, 3)
@@ -98,9 +101,24 @@ def test_greedy_output_is_the_same_alone_and_batched_across_compositions(served)
         return body["choices"][0]["text"]
 
     alone = [text(pair) for pair in zip(models, prompts)]
+    ids = {tuple(call(served.url, "/tokenize", {"model": model, "prompt": prompt})[1]["tokens"]): model
+           for model, prompt in zip(models, prompts)}
+    logged = len(served.batches.read_text().splitlines())
+    start = threading.Barrier(8)
+
+    def at_once(pair):
+        start.wait(timeout=30)
+        return text(pair)
+
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(text, zip(models, prompts)))
+        together = list(pool.map(at_once, zip(models, prompts)))
     assert together == alone
+    # the main app logs each batch's prompts (decode_hook): the 8 requests did share batches, and a
+    # batch held rows of different compositions
+    batches = [json.loads(line) for line in served.batches.read_text().splitlines()[logged:]]
+    ours = [[ids[tuple(row)] for row in batch if tuple(row) in ids] for batch in batches]
+    assert sum(map(len, ours)) == 8 and max(map(len, ours)) >= 2, batches
+    assert any(len(set(models_in)) >= 2 for models_in in ours), ours
 
 
 def test_echoed_logprobs_are_the_models_own(served):

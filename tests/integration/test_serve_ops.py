@@ -16,9 +16,10 @@ from tests.integration.conftest import ADMIN_TOKEN, API_KEY, call
 pytestmark = pytest.mark.slow
 
 
-def completion(url, model, *, key=None, max_tokens=4, routing=False, timeout=60):
+def completion(url, model, *, key=None, max_tokens=4, routing=False, timeout=60, ignore_eos=False):
     return call(url, "/v1/completions", {"model": model, "prompt": "the market price of 3 apples",
-                                         "max_tokens": max_tokens, "temperature": 0, "routing": routing},
+                                         "max_tokens": max_tokens, "temperature": 0, "routing": routing,
+                                         "ignore_eos": ignore_eos},
                 token=key, timeout=timeout)
 
 
@@ -80,12 +81,55 @@ def test_overload_is_answered_with_503_and_a_json_body_never_a_hang(served):
 
 
 def test_a_request_past_its_timeout_gets_408_and_frees_its_row(served):
-    status, body = completion(served.tight, served.name, key=API_KEY, max_tokens=1000)
+    status, body = completion(served.tight, served.name, key=API_KEY, max_tokens=1000, ignore_eos=True)
     assert status == 408 and body["error"]["code"] == "timeout"
     # A batch decodes until its longest row ends: had the timed-out row kept decoding its 1000 tokens,
     # this request would wait behind it past the app's own 1.5 s timeout and get a 408 too.
     status, body = completion(served.tight, served.name, key=API_KEY, max_tokens=2)
     assert status == 200 and body["usage"]["completion_tokens"] <= 2, body
+
+
+def replicas(app: str) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#")}
+
+
+def test_a_replica_whose_decode_failed_is_replaced_by_serve(served, tiny_run, tmp_path):
+    """A failed decode marks the replica broken; ``check_health`` then fails, and Serve starts another
+    replica, which answers. The failure is injected in the replica itself (``decode_hook``)."""
+    from ray import serve
+
+    from modula_ray.serve.app import build_app
+
+    marker = tmp_path / "failed"
+    serve.run(build_app([tiny_run[0]], decode_hook={"call": "tests.integration.faults:fail_decode_once",
+                                                    "marker": str(marker)},
+                        deployment={"health_check_period_s": 0.5, "health_check_timeout_s": 10,
+                                    "ray_actor_options": {"num_cpus": 0.25}}),
+              name="fragile", route_prefix="/fragile")
+    url = f"{served.url}/fragile"
+    try:
+        before = replicas("fragile")
+        request = urllib.request.Request(f"{url}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": served.name, "prompt": "1 +", "max_tokens": 2}).encode())
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=60)
+        assert failed.value.code == 500 and marker.exists() and len(before) == 1
+        deadline = time.monotonic() + 90
+        while (replicas("fragile") & before or not replicas("fragile")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas("fragile") and not replicas("fragile") & before, "Serve did not replace the broken replica"
+        status, body = completion(url, served.name, max_tokens=2)
+        for _ in range(60):  # bounded: the new replica may still be loading
+            if status == 200:
+                break
+            time.sleep(0.5)
+            status, body = completion(url, served.name, max_tokens=2)
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
+    finally:
+        serve.delete("fragile")
 
 
 def test_a_hot_plug_under_load_drops_nothing_and_routes_over_the_new_expert(served):

@@ -55,6 +55,16 @@ def test_greedy_matches_hf_generate_for_each_prompt(composed, stops_early):
     assert reference[-1] == stops_early and ours.text == tokenizer.decode(reference[:-1])  # EOS is not text
 
 
+def test_ignore_eos_decodes_past_eos_to_max_tokens(composed, stops_early):
+    model, tokenizer = composed
+    ours = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[2]), max_tokens=12,
+                                                                ignore_eos=True)])[0]
+    reference = hf_greedy(model, tokenizer, PROMPTS[2], 3)
+    assert ours.finish_reason == "length" and ours.completion_tokens == 12 and ours.token_ids[:3] == reference
+    assert stops_early in ours.token_ids and ours.text == tokenizer.decode(
+        [t for t in ours.token_ids if t != stops_early], skip_special_tokens=True)
+
+
 def test_greedy_alone_equals_greedy_in_a_batch_of_8(composed, stops_early):
     model, tokenizer = composed
     requests = [GenerationRequest(encode(tokenizer, p), max_tokens=10 + i) for i, p in enumerate(PROMPTS)]
