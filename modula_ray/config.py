@@ -334,8 +334,9 @@ class PipelineConfig:
         from .experts import inject
         from .models import resolve_base
 
+        config = AutoConfig.from_pretrained(resolve_base(self.base_model))  # may materialise it: not on meta
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_base(self.base_model)))
+            model = AutoModelForCausalLM.from_config(config)
         with field_prefix("experts", f" (base model {self.base_model})"):
             inject(model, self.method, self.domains, self.experts)
 

@@ -104,3 +104,14 @@ def test_target_modules_the_base_model_lacks_are_refused_by_the_driver():
     assert info.value.field == "experts.target_modules"
     load_config(PipelineConfig, TINY_CONFIG, ["method=mode", "experts.mode_blocks=[[0, 1], [1, 2]]"]
                 ).check_base_model()  # fits: one block per layer
+
+
+def test_the_check_on_a_cold_cache_materialises_real_weights(monkeypatch, tmp_path):
+    """The first run on a machine materialises the base model inside ``check_base_model``: outside
+    the meta device (a clean-clone CI run once failed with "Cannot copy out of meta tensor")."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MODULA_RAY_CACHE", str(tmp_path / "cache"))
+    load_config(PipelineConfig, TINY_CONFIG).check_base_model()
+    weights = load_file(str(next((tmp_path / "cache" / "models" / "tiny-llama").glob("*.safetensors"))))
+    assert weights and all(t.device.type == "cpu" and t.numel() > 0 for t in weights.values())
