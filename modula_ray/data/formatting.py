@@ -5,6 +5,11 @@ template and labels every prompt token ``-100``, so the loss sees only the answe
 end-of-turn token. ``encode_rows`` counts what ``max_length`` cut (``truncated``) and the
 rows left with no response token at all (``dropped``): truncation is reported, never silent.
 
+With ``route_labels`` (``{row domain: routed expert index}``, for ``route_loss_coef``), every
+token from the end of the template's shared head (system prompt and user header: the same for
+every row, so it carries no domain) to the end of the response gets the row's expert index, the
+other tokens -100 (``Encoded.route_labels``; ``collate`` adds ``batch["route_labels"]``).
+
 ``pack`` concatenates examples into rows of at most ``max_length`` tokens with
 ``position_ids`` restarting at 0 per example; given ``position_ids`` and no attention mask,
 transformers builds a block-diagonal causal mask, so packed examples never see each other.
@@ -24,6 +29,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
     position_ids: list[int] | None = None
+    route_labels: list[int] | None = None
 
 
 @dataclass
@@ -55,21 +61,35 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return _render(tokenizer, messages, True)
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> Encoded:
+def shared_head_length(tokenizer) -> int:
+    """Tokens that the chat template puts before every user prompt alike (system prompt, user header)."""
+    a, b = prompt_ids(tokenizer, "a"), prompt_ids(tokenizer, "b")
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int, *, route_label: int | None = None,
+                   head_length: int = 0) -> Encoded:
     head = prompt_ids(tokenizer, prompt)
     full = _render(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                    False)
     if full[:len(head)] != head:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
     labels = [IGNORE_INDEX] * len(head) + full[len(head):]
-    return Encoded(full[:max_length], labels[:max_length], len(full) > max_length)
+    routes = None if route_label is None else (
+        [IGNORE_INDEX] * head_length + [route_label] * (len(full) - head_length))[:max_length]
+    return Encoded(full[:max_length], labels[:max_length], len(full) > max_length, route_labels=routes)
 
 
-def encode_rows(rows, tokenizer, max_length: int) -> tuple[list[Encoded], EncodeStats]:
-    """Encode schema rows (dicts with prompt/response/id); rows with nothing left to learn are dropped."""
+def encode_rows(rows, tokenizer, max_length: int, route_labels: dict[str, int] | None = None
+                ) -> tuple[list[Encoded], EncodeStats]:
+    """Encode schema rows (dicts with prompt/response/id, and domain with ``route_labels``); rows
+    with nothing left to learn are dropped. A domain missing from ``route_labels`` gets no label."""
     stats, encoded = EncodeStats(), []
+    head_length = shared_head_length(tokenizer) if route_labels is not None else 0
     for row in rows:
-        example = encode_example(tokenizer, row["prompt"], row["response"], max_length)
+        label = None if route_labels is None else route_labels.get(row["domain"], IGNORE_INDEX)
+        example = encode_example(tokenizer, row["prompt"], row["response"], max_length, route_label=label,
+                                 head_length=head_length)
         stats.examples += 1
         if example.truncated:
             stats.truncated += 1
@@ -86,16 +106,18 @@ def encode_rows(rows, tokenizer, max_length: int) -> tuple[list[Encoded], Encode
 
 def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
     """Greedy, order-preserving packing into rows of at most ``max_length`` tokens."""
-    packed, ids, labels, positions = [], [], [], []
+    routed = bool(examples) and examples[0].route_labels is not None
+    packed, ids, labels, positions, routes = [], [], [], [], []
     for example in examples:
         if ids and len(ids) + len(example.input_ids) > max_length:
-            packed.append(Encoded(ids, labels, False, positions))
-            ids, labels, positions = [], [], []
+            packed.append(Encoded(ids, labels, False, positions, routes if routed else None))
+            ids, labels, positions, routes = [], [], [], []
         ids = ids + example.input_ids
         labels = labels + example.labels
         positions = positions + list(range(len(example.input_ids)))
+        routes = routes + (example.route_labels or [])
     if ids:
-        packed.append(Encoded(ids, labels, False, positions))
+        packed.append(Encoded(ids, labels, False, positions, routes if routed else None))
     return packed
 
 
@@ -118,4 +140,9 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if packed:
         batch["position_ids"] = positions
+    if examples[0].route_labels is not None:
+        routes = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            routes[row, :len(example.route_labels)] = torch.tensor(example.route_labels)
+        batch["route_labels"] = routes
     return batch

@@ -1,9 +1,11 @@
-"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite routing|domain|general|judge|all[,...] [--limit N]``.
+"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite routing|specialisation|domain|general|judge|all[,...]``.
 
 With ``RAY_ADDRESS`` naming a cluster and several runs, each run is evaluated by its own Ray task
 (``modula_ray.cli``: this package stays Ray-free).
 
-``routing``: the mean gate per routed expert on each domain's prompts (``RUN/eval/routing.json``).
+``routing``: the mean gate per routed expert on each domain's prompts, and routing accuracy on
+domain tokens per token and per sequence (``RUN/eval/routing.json``). ``specialisation``: each
+routed expert alone (router bypassed) on each domain's held-out rows (``RUN/eval/specialisation.json``).
 ``domain`` / ``general``: the lm-eval suites (``run.suite_tasks()``) over each composition and its
 base model, merged into ``RUN/eval/results.json``; then ``RUN/eval/report.md`` (and, for several
 runs, a side-by-side report at ``--report``). ``judge``: the composition's and the base model's
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-SUITES = ("routing", "domain", "general", "judge", "all")
+SUITES = ("routing", "specialisation", "domain", "general", "judge", "all")
+LOCAL = ("routing", "specialisation")  # computed here, not through lm-eval; no report of their own
 
 
 def _routing(run_dir, args) -> None:
@@ -37,6 +40,23 @@ def _routing(run_dir, args) -> None:
     print(format_routing(table))
     print("routing accuracy (share of tokens whose largest gate is the domain's own expert): "
           + ", ".join(f"{d} {v['accuracy']:.2f}" for d, v in layers["domains"].items()))
+    print("on domain tokens (prompt body and response), per token / per sequence: "
+          + ", ".join(f"{d} {v['token_accuracy']:.2f}/{v['sequence_accuracy']:.2f}"
+                      for d, v in layers["domain_tokens"].items()))
+    print(f"saved {path}")
+
+
+def _specialisation(run_dir, args) -> None:
+    from .specialisation import format_specialisation, save_specialisation, specialisation_matrix
+
+    result = specialisation_matrix(run_dir, split="test", rows=args.rows)
+    if not result:
+        print(f"{run_dir}: this composition has no router, so no expert can be forced alone")
+        return
+    path = save_specialisation(run_dir, result)
+    print(f"held-out response loss (nats per byte), {args.rows} test rows per domain, each expert forced "
+          f"alone (* = the row's minimum):")
+    print(format_specialisation(result))
     print(f"saved {path}")
 
 
@@ -59,10 +79,10 @@ def evaluate_run(run_dir, args) -> None:
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # progress bars stay; per-task chatter goes
     tasks = suite_tasks()
-    suites = ["routing", *tasks, "judge"] if "all" in args.suite else args.suite
+    suites = [*LOCAL, *tasks, "judge"] if "all" in args.suite else args.suite
     for suite in suites:
-        if suite == "routing":
-            _routing(run_dir, args)
+        if suite in LOCAL:
+            {"routing": _routing, "specialisation": _specialisation}[suite](run_dir, args)
             continue
         if suite == "judge":
             from .judges.client import JudgeConfig
@@ -78,7 +98,7 @@ def evaluate_run(run_dir, args) -> None:
         print(f"{run_dir}: suite {suite} ({', '.join(tasks[suite])})"
               + (f", --limit {args.limit}" if args.limit else ""), flush=True)
         print(f"saved {save_results(run_dir, suite, run_suite(run_dir, suite, limit=args.limit, seed=args.seed))}")
-    if suites != ["routing"]:
+    if set(suites) - set(LOCAL):
         report = write_report([run_dir])
         print(report.read_text() if not args.json else "", end="")
         print(f"saved {report}")
@@ -88,7 +108,7 @@ def side_by_side(args) -> None:
     """Several runs, suites beyond routing: the side-by-side report."""
     from .report import write_report
 
-    if len(args.runs) > 1 and args.suite != ["routing"]:
+    if len(args.runs) > 1 and set(args.suite) - set(LOCAL):
         out = Path(args.report or Path(args.runs[0]) / "eval" / "side-by-side.md")
         print(f"saved {write_report(args.runs, out)}")
 
@@ -122,7 +142,9 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "eval", help="evaluate finished run folders",
         description="Evaluate finished compositions. 'routing': the mean gate per routed expert on each "
-                    "domain's prompts (RUN/eval/routing.json). 'domain' and 'general': the lm-eval suites of "
+                    "domain's prompts, and routing accuracy on domain tokens (RUN/eval/routing.json). "
+                    "'specialisation': each routed expert alone on each domain's held-out rows "
+                    "(RUN/eval/specialisation.json). 'domain' and 'general': the lm-eval suites of "
                     "eval/tasks over each composition and its base model (RUN/eval/results.json, "
                     "RUN/eval/report.md with the paper-style table). 'judge': rubric scores of the held-out "
                     "e-commerce generation items by a judge endpoint (MODULA_RAY_JUDGE_URL, _MODEL, _KEY; default: "
@@ -138,7 +160,7 @@ def add_parser(commands) -> None:
                                                        "(default: FIRST_RUN/eval/side-by-side.md)")
     parser.add_argument("--split", choices=("train", "val", "test"), default="val",
                         help="routing: which split's prompts (default: val)")
-    parser.add_argument("--rows", type=int, default=8, help="routing: prompts per domain (default: 8)")
+    parser.add_argument("--rows", type=int, default=8, help="routing, specialisation: rows per domain (default: 8)")
     parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
     parser.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible base URL (else "
                                                           "MODULA_RAY_JUDGE_URL, else http://127.0.0.1:8000/v1); "

@@ -179,9 +179,15 @@ def write_report(run_dirs: list, out: Path | None = None) -> Path:
     layers = read_json(routing_file).get("layers") if routing_file.is_file() else None
     if layers and layers.get("domains"):
         plot = routing_plot(layers, out.parent / ROUTING_PLOT)
-        parts += ["## Routing", "", "Routing accuracy: the share of tokens whose largest gate is the item's own "
-                  "domain expert (all routers).", "", "| domain | routing accuracy |", "|---|---|",
-                  *[f"| {d} | {v['accuracy']:.2f} |" for d, v in layers["domains"].items()], "",
+        on_tokens = layers.get("domain_tokens", {})
+        cell = lambda d, key: f"{on_tokens[d][key]:.2f}" if d in on_tokens else "-"  # noqa: E731
+        parts += ["## Routing", "", "Routing accuracy over the prompt: the share of (router, token) pairs whose "
+                  "largest gate is the item's own domain expert. On domain tokens (prompt body and response, "
+                  "after the chat template's shared head): per token, the router-mean gate's argmax; per "
+                  "sequence, the argmax of its mean over the row.", "",
+                  "| domain | routing accuracy (prompt) | per token | per sequence |", "|---|---|---|---|",
+                  *[f"| {d} | {v['accuracy']:.2f} | {cell(d, 'token_accuracy')} | {cell(d, 'sequence_accuracy')} |"
+                    for d, v in layers["domains"].items()], "",
                   f"![mean gate per expert at the first, middle and last layer]({plot.name})", ""]
     if points:
         cost_quality_plot(points, out.parent / COST_PLOT)

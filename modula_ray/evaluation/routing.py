@@ -5,6 +5,13 @@ over ``rows`` prompts of a split, averaged over every router and token of each p
 forward. A uniform router gives ``1 / n_routed`` everywhere. ``routing_tables`` also gives the
 paper's Figure 3 (first, middle and last layer) and the routing accuracy per domain, from the
 same forwards.
+
+On the tokens that carry the domain (``domain_tokens``: the prompt body and the response of each
+row, after the chat template's shared head), two more measures per domain, from a forward over
+prompt and response: per token, the share of tokens whose router-mean gate is largest for the
+row's own expert; per sequence, the share of rows whose mean gate over those tokens is. The own
+expert is the one the supervised routing loss targets (``route_labels``: flan's general rows
+belong to the universal expert).
 """
 from __future__ import annotations
 
@@ -59,6 +66,42 @@ def own_expert_hits(captured: dict, expert: int) -> tuple[int, int]:
     return int((winners == expert).sum()), winners.numel()
 
 
+def _strictly_largest(gates: torch.Tensor, expert: int) -> torch.Tensor:
+    """``gates[..., expert]`` above every other expert's (a tie, e.g. the uniform router, is a miss)."""
+    others = torch.cat([gates[..., :expert], gates[..., expert + 1:]], dim=-1)
+    return gates[..., expert] > others.max(dim=-1).values
+
+
+def domain_token_hits(captured: dict, head: int, expert: int) -> tuple[int, int, bool]:
+    """``(tokens routed to expert, tokens, sequence routed to expert)`` of one row's forward: the
+    router-mean gate per token from position ``head`` on, and its mean over those tokens."""
+    gates = torch.stack([calls[-1][0].float() for calls in captured.values()]).mean(dim=0)[head:]
+    return (int(_strictly_largest(gates, expert).sum()), gates.shape[0],
+            bool(_strictly_largest(gates.mean(dim=0), expert)))
+
+
+def domain_token_routing(model, tokenizer, rows: list[dict], expert: int, max_length: int, head: int,
+                         captured: dict) -> dict:
+    """One domain's rows (prompt, response) scored on their domain tokens (from ``head`` on):
+    ``token_accuracy``, ``sequence_accuracy`` and ``route_nll`` (mean ``-log P(expert)`` over the
+    tokens and routers). ``captured``: the open ``captured_gates`` of ``model``."""
+    from ..data.formatting import encode_example
+    from ..experts.inject import supervised_routing_loss
+
+    hits = tokens = sequences = 0
+    nll = 0.0
+    for row in rows:
+        captured.clear()
+        example = encode_example(tokenizer, row["prompt"], row["response"], max_length, route_label=expert,
+                                 head_length=head)
+        model(torch.tensor([example.input_ids]), logits_to_keep=1, use_cache=False)
+        row_hits, row_tokens, sequence = domain_token_hits(captured, head, expert)
+        hits, tokens, sequences = hits + row_hits, tokens + row_tokens, sequences + sequence
+        nll += float(supervised_routing_loss(model, torch.tensor([example.route_labels]))) * row_tokens
+    return {"rows": len(rows), "token_accuracy": hits / max(tokens, 1),
+            "sequence_accuracy": sequences / max(len(rows), 1), "route_nll": nll / max(tokens, 1)}
+
+
 def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None
                    ) -> tuple[dict[str, dict[str, float]], dict]:
     """``(table, layers)`` from one forward per prompt; ``({}, {})`` for a method with no router.
@@ -67,15 +110,16 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
     each domain of the composition and the general domain (``data.general_domain`` of the run's
     ``config.yaml``). ``layers``: per domain of the composition, the mean gate per expert at the
     first, middle and last layer (the paper's Figure 3), and the routing accuracy: the share of
-    (router, token) pairs whose largest gate is the domain's own expert. ``composition``: the
+    (router, token) pairs whose largest gate is the domain's own expert; and ``domain_tokens``
+    (module docstring) for every domain with a target expert. ``composition``: the
     run's ``(model, tokenizer)`` if already loaded. Only the gates are read, so the forward
     computes no logits but the last position's."""
     from tqdm.auto import tqdm
 
     from ..data.build import read_datasets_json, split_file
-    from ..data.formatting import prompt_ids
+    from ..data.formatting import prompt_ids, shared_head_length
     from ..data.schema import read_split
-    from ..experts import routing_weights, spec_of
+    from ..experts import method_class, routing_weights, spec_of
     from ..experts.inject import routers
 
     from transformers.utils import logging as hf_logging
@@ -92,11 +136,17 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
     layers = sorted(set(layer_of.values()))
     picked = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
     table, by_layer = {}, {}
-    general = load_config(PipelineConfig, Path(run_dir) / RUN_CONFIG).data.general_domain
-    domains = [d for d in list(manifest["domains"]) + [general] if d in built]
+    data = load_config(PipelineConfig, Path(run_dir) / RUN_CONFIG).data
+    domains = [d for d in list(manifest["domains"]) + [data.general_domain] if d in built]
+    targets = method_class(manifest["method"]).route_labels(list(manifest["domains"]), domains)
+    head, on_tokens = shared_head_length(tokenizer), {}
     with torch.no_grad(), captured_gates(model) as captured:
         for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
-            prompts = read_split(split_file(data_dir, domain, split)).column("prompt").to_pylist()[:rows]
+            split_rows = read_split(split_file(data_dir, domain, split)).select(["prompt", "response"]).to_pylist()[:rows]
+            prompts = [row["prompt"] for row in split_rows]
+            if domain in targets:
+                on_tokens[domain] = {"expert": names[targets[domain]], **domain_token_routing(
+                    model, tokenizer, split_rows, targets[domain], data.max_length, head, captured)}
             sums: dict[str, float] = {}
             per_layer = {key: torch.zeros(len(names)) for key in picked}
             hits = total = 0
@@ -116,4 +166,4 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
             if domain in names:
                 by_layer[domain] = {"accuracy": hits / total,
                                     **{key: [round(float(v), 4) for v in gates] for key, gates in per_layer.items()}}
-    return table, {"experts": names, "layers": picked, "domains": by_layer}
+    return table, {"experts": names, "layers": picked, "domains": by_layer, "domain_tokens": on_tokens}

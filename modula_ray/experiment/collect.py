@@ -56,6 +56,9 @@ def run_scores(run_dir: Path, tasks: list[str]) -> dict | None:
     layers = read_json(routing).get("layers") if routing.is_file() else None
     if layers and layers.get("domains"):
         scores["routing_accuracy"] = {d: v["accuracy"] for d, v in layers["domains"].items()}
+        for key in ("token_accuracy", "sequence_accuracy"):
+            if layers.get("domain_tokens"):
+                scores[f"routing_{key}"] = {d: v[key] for d, v in layers["domain_tokens"].items()}
     if "judge" in suites:
         scores["judge"] = suites["judge"]
     return scores

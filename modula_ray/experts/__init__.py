@@ -14,7 +14,8 @@ Public API::
 from . import methods  # noqa: F401  (registers every method in METHODS)
 from .contract import DEFAULT_TARGETS, METHODS, STAGES, ExpertsConfig, config_keys, method_class
 from .inject import (ExpertSpec, expert_layers, forward_parameter_count, inject, last_position_gates,
-                     load_balancing_loss, routing_weights, set_stage, spec_of, trainable_parameters)
+                     load_balancing_loss, routing_weights, set_stage, spec_of, supervised_routing_loss,
+                     trainable_parameters)
 from .layer import ExpertLinear, LinearExpertsConfig, wrap_linear
 from .peft_export import export_peft
 from .reference import reference_forward
@@ -24,6 +25,6 @@ from .stacking import stack_experts
 __all__ = [
     "DEFAULT_TARGETS", "ExpertLinear", "ExpertSpec", "ExpertsConfig", "LinearExpertsConfig", "METHODS", "STAGES",
     "config_keys", "expert_layers", "export_peft", "forward_parameter_count", "inject", "last_position_gates",
-    "load_balancing_loss", "load_part", "method_class", "read_part", "reference_forward", "routing_weights",
+    "load_balancing_loss", "supervised_routing_loss", "load_part", "method_class", "read_part", "reference_forward", "routing_weights",
     "save_part", "set_stage", "spec_of", "stack_experts", "trainable_parameters", "wrap_linear",
 ]

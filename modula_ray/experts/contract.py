@@ -82,6 +82,15 @@ class ExpertModule(nn.Module):
         return list(cls.fixed_routed) + list(domains)
 
     @classmethod
+    def route_labels(cls, domains, data_domains) -> dict[str, int]:
+        """Supervised routing targets by row domain: a domain's own expert; a data domain without
+        one (the general domain) goes to the first fixed routed expert (flan: universal, mode:
+        backbone), or gets no label when there is none."""
+        routed = cls.routed_names(domains)
+        fallback = {d: 0 for d in data_domains if d not in routed} if cls.fixed_routed else {}
+        return fallback | {d: routed.index(d) for d in data_domains if d in routed}
+
+    @classmethod
     def configure(cls, config: ExpertsConfig | None = None, **settings) -> ExpertsConfig:
         """The method's settings: ``config`` (an instance of its ``config_class``), or one built from
         keyword arguments; a key the method does not have raises ConfigError naming it."""

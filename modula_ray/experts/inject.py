@@ -131,6 +131,20 @@ def load_balancing_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def gate_entropy(model: nn.Module) -> float | None:
+    """Mean ``Router.entropy`` over the routers of the last forward (None without one)."""
+    values = [r.entropy for r in routers(model).values() if r.entropy is not None]
+    return float(torch.stack(values).mean()) if values else None
+
+
+def supervised_routing_loss(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the routers of the last forward of ``Router.routing_loss(labels)`` (0 if none)."""
+    losses = [loss for r in routers(model).values() if (loss := r.routing_loss(labels)) is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
 def routing_weights(model: nn.Module) -> dict[str, float]:
     """Mean gate per routed expert over all routers and tokens of the last forward."""
     gates = [r.mean_gates for r in routers(model).values() if r.mean_gates is not None]

@@ -230,7 +230,10 @@ class ExpertLinear(ExpertModule):
 
     def fused(self, name, build):
         """``build()``, weights joined (or multiplied) for the fused path. Without autograd (serving,
-        evaluation) it is kept until a parameter of the layer changes, so a decode step joins nothing."""
+        evaluation) it is kept until a parameter of the layer changes, so a decode step joins nothing.
+        A change is seen through autograd's version counter: code that writes weights without
+        bumping it (fused AdamW, DeepSpeed, ``.data``) must call ``increment_version`` (the
+        training engines do, ``train/engine.py``)."""
         if torch.is_grad_enabled():
             return build()
         key = (self.stage, self.mixing, *((p.data_ptr(), p._version) for p in self.parameters()))

@@ -8,8 +8,14 @@ computed when first read (serving reads only ``last_gates``, so it pays for noth
                 and ``P_i`` the mean router probability of expert i. It equals 1 for a
                 perfectly balanced router and grows to n when one expert takes all.
 ``mean_gates``  the gates averaged over tokens (detached), ``[n_routed]``.
+``entropy``     the mean over tokens of the routing distribution's entropy over ``log n``
+                (detached): 1 for a uniform router, 0 for a one-hot one.
 ``last_gates``  the gates of the last position of every row (detached), ``[batch, n_routed]``:
                 what the next generated token of each sequence was routed with.
+
+``routing_loss(labels)`` is the optional supervised term (``route_loss_coef``): the mean over
+labelled tokens of ``-log P_label``, the router's probability of the token's own expert
+(``labels [batch, seq]`` holds routed-expert indices, -100 where a token has no label).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_routed, dtype=dtype, device=device)) if bias else None
         self.top_k = top_k
         self.temperature = temperature
-        self._last: tuple | None = None  # (probs, gates, chosen) of the last forward
+        self._last: tuple | None = None  # (probs, gates, chosen, logits) of the last forward
         self._stats: dict = {}
         self._watchers: OrderedDict[int, object] = OrderedDict()  # RemovableHandle needs a weakref-able dict
 
@@ -53,11 +59,11 @@ class Router(nn.Module):
             gates = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
         else:
             gates = probs
-        self._record(probs, gates, chosen)
+        self._record(probs, gates, chosen, logits)
         return gates
 
-    def _record(self, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> None:
-        self._last, self._stats = (probs, gates, chosen), {}
+    def _record(self, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, logits: torch.Tensor) -> None:
+        self._last, self._stats = (probs, gates, chosen, logits), {}
         for watcher in self._watchers.values():
             watcher(gates.detach())
 
@@ -72,7 +78,7 @@ class Router(nn.Module):
         if self._last is None:
             return None
         if name not in self._stats:
-            self._stats[name] = compute(*self._last)
+            self._stats[name] = compute(*self._last[:3])
         return self._stats[name]
 
     @property
@@ -90,8 +96,27 @@ class Router(nn.Module):
         return self._stat("mean_gates", lambda p, gates, c: gates.detach().reshape(-1, self.n_routed).float().mean(0))
 
     @property
+    def entropy(self) -> torch.Tensor | None:
+        def normalised(probs, gates, chosen):
+            p = probs.detach().float().reshape(-1, self.n_routed)
+            return -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / torch.log(torch.tensor(float(self.n_routed)))
+        return self._stat("entropy", normalised)
+
+    @property
     def last_gates(self) -> torch.Tensor | None:
         return self._stat("last_gates", lambda p, gates, c: gates.detach()[:, -1].float() if gates.dim() == 3 else None)
+
+    def routing_loss(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Mean ``-log P_label`` over the labelled tokens of the last forward (0 if none is labelled)."""
+        if self._last is None:
+            return None
+        logits = self._last[3]
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"routing labels {tuple(labels.shape)} do not match the routed tokens "
+                             f"{tuple(logits.shape[:-1])}")
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, self.n_routed).float(), labels.reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"n_routed={self.n_routed}, top_k={self.top_k}, temperature={self.temperature}"

@@ -14,6 +14,13 @@ from ..objective import causal_lm_loss
 from .schedule import lr_lambda
 
 
+def weights_changed(params) -> None:
+    """Mark ``params`` as modified in place. Fused AdamW and DeepSpeed write the weights without
+    bumping autograd's version counter, which the expert layers' no-grad caches key on
+    (``ExpertLinear.fused``): without this, a validation forward between steps reads stale weights."""
+    torch.autograd.graph.increment_version(list(params))
+
+
 def lr_schedule(optimizer, hp: dict):
     """``LambdaLR`` over ``schedule.lr_lambda``: warmup, then cosine decay to 10% of ``lr``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp["warmup_steps"], hp["steps"]))
@@ -41,7 +48,7 @@ class TorchEngine:
     def micro_step(self, batch: dict, last: bool) -> dict:
         sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
-            loss, stats = causal_lm_loss(self.model, batch, self.hp["aux_loss_coef"])
+            loss, stats = causal_lm_loss(self.model, batch, self.hp["aux_loss_coef"], self.hp["route_loss_coef"])
             (loss / self.hp["grad_accum"]).backward()
         return stats
 
@@ -49,6 +56,7 @@ class TorchEngine:
         if self.hp["max_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(self.params, self.hp["max_grad_norm"])
         self.optimizer.step()
+        weights_changed(self.params)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -85,9 +93,11 @@ class DeepSpeedEngine(TorchEngine):
         self.zero_stage = zero_stage
 
     def micro_step(self, batch: dict, last: bool) -> dict:
-        loss, stats = causal_lm_loss(self.ds, batch, self.hp["aux_loss_coef"])
+        loss, stats = causal_lm_loss(self.ds, batch, self.hp["aux_loss_coef"], self.hp["route_loss_coef"])
         self.ds.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps itself
         self.ds.step()          # a no-op until the accumulation boundary
+        if last:
+            weights_changed(self.params)
         return stats
 
     def finish_step(self) -> None:

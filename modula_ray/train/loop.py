@@ -26,11 +26,11 @@ import torch
 
 from ..compose import build_model
 from ..data.formatting import EncodeStats, collate, encode_rows, pack
-from ..experts import forward_parameter_count, save_part, trainable_parameters
+from ..experts import forward_parameter_count, method_class, save_part, trainable_parameters
 from ..experts.serialization import part_tensors, tensors_sha256
 from ..hooks import hook, imported
 from . import checkpointing
-from .engine import make_engine
+from .engine import make_engine, weights_changed
 from .observe import Observer
 from .schedule import BatchSchedule
 from .task import StageTask
@@ -56,6 +56,8 @@ class Window:
     tokens: int = 0
     loss: float = 0.0
     aux: float = 0.0
+    route: float = 0.0
+    entropy: float = 0.0                # 0 without a router
     micro_batches: int = 0
 
 
@@ -119,7 +121,8 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
     if hp.get("compile"):  # outputs equal eager's (tests/unit/test_layers.py); PERFORMANCE.md has the cost
         model.forward = torch.compile(model.forward)
 
-    examples, stats = encode_rows(rows, tokenizer, task.max_length)
+    routes = method_class(task.method).route_labels(task.domains, task.data_domains) if hp["route_loss_coef"] else None
+    examples, stats = encode_rows(rows, tokenizer, task.max_length, routes)
     if rank == 0 and (stats.truncated or stats.dropped):
         print(f"[{task.key}] tokenised: {stats.summary()}", flush=True)
     if not examples:
@@ -155,6 +158,8 @@ def train_step(state: TrainState) -> None:
         window.tokens += out["input_tokens"]
         window.loss += out["ce"]
         window.aux += out["aux"]
+        window.route += out["route"]
+        window.entropy += out["entropy"] or 0.0
         window.micro_batches += 1
     state.engine.finish_step()
     state.step += 1
@@ -173,18 +178,21 @@ def report_due(state: TrainState) -> tuple[bool, bool]:
 
 
 def window_metrics(state: TrainState) -> dict:
-    """The report of the window: loss and aux (mean over its micro-batches, then over ranks), lr,
-    tokens/s, and the validator's metrics (run on every rank: its forward is collective under ZeRO-3)."""
-    window = state.window
-    loss, aux, tokens = _all_reduce([window.loss / window.micro_batches, window.aux / window.micro_batches,
-                                     window.tokens], "SUM", state.world, state.device)
+    """The report of the window: loss, aux, route and gate entropy (means over its micro-batches,
+    then over ranks), lr, tokens/s, and the validator's metrics (run on every rank: its forward is
+    collective under ZeRO-3)."""
+    window, n = state.window, state.window.micro_batches
+    loss, aux, route, entropy, tokens = _all_reduce(
+        [window.loss / n, window.aux / n, window.route / n, window.entropy / n, window.tokens], "SUM", state.world,
+        state.device)
     elapsed = time.perf_counter() - window.started
-    metrics = {"step": state.step, "loss": loss / state.world, "aux": aux / state.world, "lr": state.engine.lr(),
+    metrics = {"step": state.step, "loss": loss / state.world, "aux": aux / state.world, "route": route / state.world,
+               "gate_entropy": entropy / state.world, "lr": state.engine.lr(),
                "tokens_per_s": tokens / max(elapsed, 1e-9)}
     if state.validate is not None:
         state.validation = state.validate(state.engine.module)
         metrics.update(state.validation)
-    state.counters["loss"] = metrics["loss"]
+    state.counters.update(loss=metrics["loss"], route=metrics["route"], gate_entropy=metrics["gate_entropy"])
     return metrics
 
 
@@ -201,6 +209,7 @@ def resume(state: TrainState, folder: Path) -> None:
     state.step, restored = checkpointing.restore(folder, rank=state.rank, params=state.params,
                                                  optimizer=engine.optimizer, scheduler=engine.scheduler,
                                                  engine=engine.ds)
+    weights_changed(state.params.values())  # DeepSpeed loads through .data
     state.counters.update(restored)
     state.resumed_from = state.step
     if state.rank == 0:
@@ -241,6 +250,7 @@ def finish(state: TrainState, node_id: str) -> dict:
     started = _all_reduce([counters["train_started_at"]], "MIN", world, device)[0]
     ended = _all_reduce([counters["train_ended_at"]], "MAX", world, device)[0]
     return {"step": state.step, "loss": counters["loss"], "first_loss": counters["first_loss"],
+            "route": counters.get("route"), "gate_entropy": counters.get("gate_entropy"),
             "tokens": int(tokens), "response_tokens": int(response_tokens),
             "trainable_params": state.trainable_params, "forward_params": state.forward_params,
             "peak_mem_mb": round(peak, 1), "examples": len(state.examples), "truncated": state.stats.truncated,
@@ -259,7 +269,7 @@ def _read_rows(shard) -> list[dict]:
     """Every row of the split, sorted by id so Ray's delivery order cannot change the data order."""
     rows = []
     for batch in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
-        rows.extend(batch.select(["id", "prompt", "response"]).to_pylist())
+        rows.extend(batch.select(["id", "domain", "prompt", "response"]).to_pylist())
     return sorted(rows, key=lambda row: row["id"])
 
 

@@ -32,8 +32,10 @@ class Observer:
         if not self.active:
             return
         validation = f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-        print(f"[{self.task.key}] step {step}/{total} loss {metrics['loss']:.4f} aux {metrics['aux']:.3f} "
-              f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s{validation}", flush=True)
+        route = f" route {metrics['route']:.3f}" if self.task.hparams.get("route_loss_coef") else ""
+        entropy = f" entropy {metrics['gate_entropy']:.3f}" if metrics.get("gate_entropy") else ""
+        print(f"[{self.task.key}] step {step}/{total} loss {metrics['loss']:.4f} aux {metrics['aux']:.3f}{route}"
+              f"{entropy} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s{validation}", flush=True)
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{self.task.key}/{name}", value, step)

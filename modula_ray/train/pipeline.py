@@ -70,7 +70,8 @@ def router_hyperparameters(experts, stage: dict, data_weights: dict | None) -> d
     """What the manifest records of a router: its layer settings (``ExpertsConfig``) and the
     optimisation of the stage that trained it (``StageConfig`` as a dict)."""
     return {**{k: getattr(experts, k) for k in ROUTER_SETTINGS},
-            **{k: stage[k] for k in ("aux_loss_coef", "lr", "steps", "warmup_steps", "batch_size", "weight_decay")},
+            **{k: stage[k] for k in ("aux_loss_coef", "route_loss_coef", "lr", "steps", "warmup_steps", "batch_size",
+                                "weight_decay")},
             "data_weights": data_weights}
 
 
@@ -111,6 +112,8 @@ class Runner:
     def _record(self, job: dict, record: dict, metrics: dict) -> None:
         task, manifest, method = job["task"], self.manifest, self.run.config.method_class
         summary = {k: metrics[k] for k in ("loss", "tokens", "examples", "truncated", "dropped") if k in metrics}
+        if any(ref.part == "router" for ref in task.save):
+            summary |= {k: metrics.get(k) for k in ("route", "gate_entropy")}
         for ref in task.save:
             if ref.part == "universal":
                 manifest.record_universal(ref.path, summary)

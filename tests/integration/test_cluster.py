@@ -35,8 +35,9 @@ def local_cluster(tmp_path):
 
 
 def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_data, tmp_path):
-    """The tiny pipeline with ``method: modula_flan`` (the tiny run elsewhere is modula_res) on the
-    shared tiny data; at the end lm-eval's ``--model modula`` scores the flan composition."""
+    """The tiny pipeline with ``method: modula_flan`` (the tiny run elsewhere is modula_res) and the
+    supervised routing term on the shared tiny data; at the end lm-eval's ``--model modula`` scores
+    the flan composition."""
     run_dir = tmp_path / "run"
     status = subprocess.run(["bash", "cluster/local.sh", "status"], cwd=ROOT, env=local_cluster,
                             capture_output=True, text=True, timeout=60).stdout
@@ -47,7 +48,9 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_da
               "--set", "stages.experts.domains.math.scaling.node_labels={pool: head}",
               "--set", "stages.experts.domains.code.scaling.node_labels={pool: worker}",
               # long enough (about 5 s) that "trained at the same time" means something
-              "--set", "stages.experts.steps=60", "--set", "stages.experts.log_every=20"]
+              "--set", "stages.experts.steps=60", "--set", "stages.experts.log_every=20",
+              # the supervised routing term, through Ray (flan: the general rows target the universal expert)
+              "--set", "stages.router.route_loss_coef=0.5"]
     job = subprocess.run(submit, cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
@@ -59,6 +62,9 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_da
     assert experts["math"]["nodes"] == [nodes["head"]], "math did not run on the head node"
     assert experts["code"]["nodes"] == [nodes["worker"]], "code did not run on the worker node"
     assert (run_dir / "config.yaml").read_text().startswith("# python jobs/pipeline.py --config")
+    router = manifest["router"]
+    assert router["hyperparameters"]["route_loss_coef"] == 0.5
+    assert router["metrics"]["route"] > 0 and 0 < router["metrics"]["gate_entropy"] <= 1
 
     # Evaluating several runs on the cluster: one Ray task per run folder, spread over the nodes. With
     # RAY_ADDRESS=http://... (the dashboard, as for job submit) a local command joins the cluster.

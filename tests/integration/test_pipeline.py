@@ -154,6 +154,47 @@ def test_eval_routing_prints_and_saves_the_table(tiny_run, capsys):
         assert layers["domains"][domain]["accuracy"] == pytest.approx(hits / pairs, abs=1e-9)
 
 
+
+def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
+    """``--suite routing,specialisation`` held to plain references: full forwards of prompt and
+    response (every position's logits) for the domain-token measures, and the held-out loss per
+    byte with and without an expert forced."""
+    from modula_ray.cli import main
+    from modula_ray.data.build import split_file
+    from modula_ray.data.formatting import encode_example, shared_head_length
+    from modula_ray.data.schema import read_split
+    from modula_ray.evaluation.routing import captured_gates
+    from modula_ray.evaluation.specialisation import forced_expert, response_nll_per_byte
+
+    run_dir, _ = tiny_run
+    assert main(["eval", str(run_dir), "--suite", "routing,specialisation", "--rows", "4"]) == 0
+    on_tokens = json.loads((run_dir / "eval" / "routing.json").read_text())["layers"]["domain_tokens"]
+    special = json.loads((run_dir / "eval" / "specialisation.json").read_text())
+    assert set(on_tokens) == {"math", "code"} and special["experts"] == ["math", "code"]
+    assert special["domains"] == ["math", "code", "general"] and set(special["own_is_best"]) == {"math", "code"}
+    model, tokenizer = load_composition(run_dir)
+    data_dir, head = Manifest.read(run_dir)["data"]["dir"], shared_head_length(tokenizer)
+    split = lambda domain, name: read_split(split_file(data_dir, domain, name)).select(  # noqa: E731
+        ["prompt", "response"]).to_pylist()[:4]
+    for index, domain in enumerate(["math", "code"]):
+        hits = tokens = sequences = 0
+        with torch.no_grad(), captured_gates(model) as captured:
+            for row in split(domain, "val"):
+                captured.clear()
+                model(torch.tensor([encode_example(tokenizer, row["prompt"], row["response"], 512).input_ids]))
+                gates = torch.stack([calls[-1][0] for calls in captured.values()]).mean(dim=0)[head:]
+                hits, tokens = hits + int((gates[:, index] > gates[:, 1 - index]).sum()), tokens + gates.shape[0]
+                sequences += int(gates.mean(dim=0)[index] > gates.mean(dim=0)[1 - index])
+        assert on_tokens[domain]["token_accuracy"] == pytest.approx(hits / tokens)
+        assert on_tokens[domain]["sequence_accuracy"] == pytest.approx(sequences / 4)
+        held_out = split(domain, "test")
+        assert special["mixture"][domain] == pytest.approx(response_nll_per_byte(model, tokenizer, held_out, 512),
+                                                           rel=1e-5)
+        with forced_expert(model, index):
+            alone = response_nll_per_byte(model, tokenizer, held_out, 512)
+        assert special["loss"][domain][domain] == pytest.approx(alone, rel=1e-5) != special["mixture"][domain]
+
+
 def test_rerun_does_nothing_unless_forced(tiny_run):
     run_dir, manifest = tiny_run
     before = digests(run_dir / "experts") | digests(run_dir / "universal") | digests(run_dir / "router")

@@ -188,3 +188,34 @@ def test_every_config_starts_with_the_command_that_runs_it():
     for path in sorted((ROOT / "jobs/configs").glob("*.yaml")) + [ROOT / "cluster/runtime_env.yaml"]:
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and ("python jobs/" in first or "ray job submit" in first), path
+
+
+def test_a_no_grad_forward_after_an_optimizer_step_reads_the_new_weights():
+    """Fused AdamW writes in place without bumping autograd's version counter, which the expert
+    layers' no-grad caches key on: the engine marks the weights changed after every step (a
+    validation between steps once read the zero-init router of its first call)."""
+    from modula_ray.experts import expert_layers, inject, set_stage, trainable_parameters
+    from modula_ray.models import tiny_model
+    from modula_ray.train.engine import make_engine
+    from tests.helpers import randomise_experts
+
+    model, tokenizer = tiny_model()
+    inject(model, "modula_res", ["math", "code"], universal_rank=4, domain_rank=2)
+    randomise_experts(model, seed=2)
+    set_stage(model, "router")
+    hp = {"lr": 0.5, "weight_decay": 0.0, "warmup_steps": 0, "steps": 4, "grad_accum": 1, "max_grad_norm": None,
+          "aux_loss_coef": 0.0, "route_loss_coef": 0.0}
+    engine = make_engine(model, trainable_parameters(model), hp, 1, "float32")
+    ids = tokenizer("the patient takes 12 doses", return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        before = model(ids).logits  # builds the no-grad caches
+    engine.micro_step(batch, last=True)
+    engine.finish_step()
+    with torch.no_grad():
+        cached = model(ids).logits
+        for layer in expert_layers(model).values():
+            layer._fused.clear()
+        fresh = model(ids).logits
+    assert not torch.allclose(before, fresh)  # the step moved the routers
+    assert torch.equal(cached, fresh)

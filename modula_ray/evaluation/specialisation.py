@@ -1,0 +1,109 @@
+"""The specialisation matrix: each routed expert alone, the router bypassed, on each domain's
+held-out rows.
+
+``forced_expert(model, i)`` makes every router of the composition return the one-hot gate of
+routed expert ``i``, so the forward is the mixture with all its weight on that expert (res: the
+universal path plus domain expert i; flan: expert i alone). For each domain with test rows and
+each expert, the held-out response loss is ``sum -log p(response tokens | chat-formatted prompt)
+/ UTF-8 bytes of the responses`` (the end-of-turn token included), next to the mixture's own
+(the router at work). A working stage 2 gives each domain its own expert as its row minimum.
+Written to ``RUN_DIR/eval/specialisation.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..fileio import atomic_write_json
+
+RESULT_FILE = "specialisation.json"
+
+
+@contextlib.contextmanager
+def forced_expert(model, index: int):
+    """Every router returns the one-hot gate of routed expert ``index`` while inside."""
+    from ..experts.inject import routers
+
+    active = list(routers(model).values())
+
+    def one_hot(router, scores):
+        gates = torch.zeros_like(scores)
+        gates[..., index] = 1.0
+        router._record(gates, gates, None, scores)
+        return gates
+
+    for router in active:
+        router.gate = one_hot.__get__(router)
+    try:
+        yield
+    finally:
+        for router in active:
+            del router.gate
+
+
+def response_nll_per_byte(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> float:
+    """``sum -log p(response | prompt) / sum UTF-8 bytes of the responses`` over ``rows``."""
+    from ..data.formatting import IGNORE_INDEX, collate, encode_example
+
+    examples = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+    nll = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+    return nll / max(1, sum(len(r["response"].encode("utf-8")) for r in rows))
+
+
+def specialisation_matrix(run_dir, *, split: str = "test", rows: int = 32, composition=None) -> dict:
+    """``{"experts", "domains", "rows", "loss": {domain: {expert: nll/byte}}, "mixture": {domain: nll/byte},
+    "own_is_best": {domain: bool}}``; ``{}`` for a composition without a router."""
+    from ..compose import RUN_CONFIG, Manifest, load_composition
+    from ..config import PipelineConfig, load_config
+    from ..data.build import read_datasets_json, split_file
+    from ..data.schema import read_split
+    from ..experts import method_class, spec_of
+
+    manifest = Manifest.read(run_dir)
+    if not manifest["router"]:
+        return {}
+    model, tokenizer = composition or load_composition(run_dir)
+    data = load_config(PipelineConfig, Path(run_dir) / RUN_CONFIG).data
+    built = read_datasets_json(manifest["data"]["dir"])["domains"]
+    domains = [d for d in list(manifest["domains"]) + [data.general_domain] if d in built]
+    names = spec_of(model).routed_names()
+    targets = method_class(manifest["method"]).route_labels(list(manifest["domains"]), domains)
+    loss, mixture = {}, {}
+    for domain in domains:
+        table = read_split(split_file(manifest["data"]["dir"], domain, split)).select(["prompt", "response"])
+        held_out = table.to_pylist()[:rows]
+        mixture[domain] = response_nll_per_byte(model, tokenizer, held_out, data.max_length)
+        loss[domain] = {}
+        for index, expert in enumerate(names):
+            with forced_expert(model, index):
+                loss[domain][expert] = response_nll_per_byte(model, tokenizer, held_out, data.max_length)
+    own = {d: min(loss[d], key=loss[d].get) == names[targets[d]] for d in domains if d in targets}
+    return {"experts": names, "domains": domains, "split": split, "rows": rows, "loss": loss, "mixture": mixture,
+            "own_is_best": own}
+
+
+def format_specialisation(result: dict) -> str:
+    """Rows: held-out domain; columns: the expert forced, then the mixture; * marks each row's minimum."""
+    experts = result["experts"]
+    lines = [f"{'rows from':<14}" + "".join(f"{e:>12}" for e in experts) + f"{'mixture':>12}"]
+    for domain, row in result["loss"].items():
+        best = min(row, key=row.get)
+        lines.append(f"{domain:<14}" + "".join(f"{row[e]:>11.3f}{'*' if e == best else ' '}" for e in experts)
+                     + f"{result['mixture'][domain]:>12.3f}")
+    return "\n".join(lines)
+
+
+def save_specialisation(run_dir, result: dict) -> Path:
+    path = Path(run_dir) / "eval" / RESULT_FILE
+    atomic_write_json(path, result)
+    return path

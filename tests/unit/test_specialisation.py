@@ -1,0 +1,47 @@
+"""Each expert alone: ``forced_expert`` held to the layer's own per-expert reference with a one-hot
+gate, and the held-out loss per byte held to a plain cross-entropy."""
+import pytest
+import torch
+from torch import nn
+
+from modula_ray.data.formatting import encode_example
+from modula_ray.evaluation.specialisation import forced_expert, response_nll_per_byte
+from modula_ray.experts import reference_forward
+from modula_ray.experts.reference import Terms
+from modula_ray.models import tiny_model
+from tests.unit.test_layers import D_IN, make_layer
+
+
+@pytest.mark.parametrize("method, routed", [("molora", 3), ("modula_flan", 4), ("modula_res", 3)])
+def test_a_forced_expert_is_the_mixture_with_a_one_hot_gate(method, routed, monkeypatch):
+    model = nn.Sequential(make_layer(method))
+    model[0].set_stage("router")
+    x = torch.randn(2, 5, D_IN)
+    mixed = model(x)
+    for index in range(routed):
+        one_hot = torch.zeros(2, 5, routed)
+        one_hot[..., index] = 1.0
+        with monkeypatch.context() as patch:
+            patch.setattr(Terms, "gates", lambda self, source: one_hot)
+            expected = reference_forward(model[0], x)
+        with torch.no_grad(), forced_expert(model, index):
+            forced = model(x)
+            assert torch.equal(model[0].router.mean_gates, torch.eye(routed)[index])
+        torch.testing.assert_close(forced, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(x), mixed)  # the routers are back
+
+
+def test_the_held_out_loss_is_nats_per_response_byte():
+    model, tokenizer = tiny_model()
+    rows = [{"prompt": "what is 2 + 2?", "response": "4"}, {"prompt": "name a fruit", "response": "an apple"}]
+    total = 0.0
+    for row in rows:
+        example = encode_example(tokenizer, row["prompt"], row["response"], 512)
+        ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        scored = labels[1:] != -100
+        total -= float(logp[scored].gather(1, labels[1:][scored][:, None]).sum())
+    expected = total / len("4an apple".encode())
+    assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=2) == pytest.approx(expected, rel=1e-5)
