@@ -147,8 +147,9 @@ def free_port() -> int:
 
 
 def call(url: str, path: str, body=None, *, raw: bytes | None = None, token: str | None = None,
-         timeout: float = 60) -> tuple[int, dict]:
-    """One request with a timeout; ``(status, JSON body)`` whatever the status."""
+         timeout: float = 60) -> tuple[int, dict | str]:
+    """One request with a timeout; ``(status, JSON body)`` whatever the status, or the body's text where
+    it is not JSON (Serve's proxy answers 404 in plain text until an application's routes are up)."""
     import json
     import urllib.error
     import urllib.request
@@ -158,9 +159,13 @@ def call(url: str, path: str, body=None, *, raw: bytes | None = None, token: str
     request = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            status, payload = response.status, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        status, payload = error.code, error.read()
+    try:
+        return status, json.loads(payload)
+    except json.JSONDecodeError:
+        return status, payload.decode(errors="replace")
 
 
 @pytest.fixture(scope="session")

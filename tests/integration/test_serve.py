@@ -207,7 +207,8 @@ def test_the_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_run, tmp_pat
                 if status == 200:
                     break
             except OSError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         assert body == {"status": "ok", "models": [run_dir.name]}
         status, reply = call(f"http://127.0.0.1:{port}", "/v1/completions",
                              {"model": run_dir.name, "prompt": "1 + 1 =", "max_tokens": 2, "temperature": 0})
