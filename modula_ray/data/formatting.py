@@ -2,8 +2,13 @@
 
 ``encode_example`` renders ``[user: prompt, assistant: response]`` with the tokenizer's chat
 template and labels every prompt token ``-100``, so the loss sees only the answer and its
-end-of-turn token. ``encode_rows`` counts what ``max_length`` cut (``truncated``) and the
-rows left with no response token at all (``dropped``): truncation is reported, never silent.
+end-of-turn token. A row longer than ``max_length`` loses tokens from the start of its prompt
+body first (the template's shared head stays, and at least ``max_length // 4`` tokens of the
+prompt's end: the question and the assistant header), so its response stays whole where it
+can; only what is still too long is cut from the response's end. ``encode_rows`` counts both
+cuts (``prompt_cut``, ``response_cut``; ``truncated``: either) and the rows left with no
+response token (``dropped``, only when ``max_length`` cannot hold the head and a prompt tail):
+truncation is reported, never silent.
 
 With ``route_labels`` (``{row domain: routed expert index}``, for ``route_loss_coef``), every
 token from the end of the template's shared head (system prompt and user header: the same for
@@ -30,12 +35,16 @@ class Encoded:
     truncated: bool = False
     position_ids: list[int] | None = None
     route_labels: list[int] | None = None
+    prompt_cut: int = 0                  # prompt-body tokens removed from the left
+    response_cut: int = 0                # response tokens removed from the right
 
 
 @dataclass
 class EncodeStats:
     examples: int = 0
-    truncated: int = 0
+    truncated: int = 0                   # rows cut in any way
+    prompt_cut: int = 0                  # rows whose prompt lost its start
+    response_cut: int = 0                # rows whose response lost its end
     dropped: int = 0
     tokens: int = 0
     response_tokens: int = 0
@@ -43,7 +52,8 @@ class EncodeStats:
 
     def summary(self) -> str:
         return (f"{self.examples} examples, {self.tokens} tokens ({self.response_tokens} scored); "
-                f"{self.truncated} truncated at max_length, {self.dropped} dropped with no response left")
+                f"{self.truncated} truncated at max_length ({self.prompt_cut} prompts cut from the left, "
+                f"{self.response_cut} responses cut at the end), {self.dropped} dropped with no response left")
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
@@ -68,24 +78,38 @@ def shared_head_length(tokenizer) -> int:
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int, *, route_label: int | None = None,
-                   head_length: int = 0) -> Encoded:
+                   head_length: int | None = None) -> Encoded:
+    """One chat-formatted row within ``max_length`` (see the module docstring for the cut).
+    ``head_length``: the template's shared head (``shared_head_length``; computed when a cut or
+    ``route_label`` needs it), which is never cut and gets no route label."""
     head = prompt_ids(tokenizer, prompt)
     full = _render(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                    False)
     if full[:len(head)] != head:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
-    labels = [IGNORE_INDEX] * len(head) + full[len(head):]
+    if head_length is None:
+        head_length = shared_head_length(tokenizer) if (route_label is not None or len(full) > max_length) else 0
+    head_length = min(head_length, len(head))
+    over = max(0, len(full) - max_length)
+    tail = min(len(head) - head_length, max(1, max_length // 4))   # the prompt's end that always stays
+    cut = min(over, len(head) - head_length - tail)
+    ids = full[:head_length] + full[head_length + cut:]
+    prompt_length = len(head) - cut
+    labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
     routes = None if route_label is None else (
-        [IGNORE_INDEX] * head_length + [route_label] * (len(full) - head_length))[:max_length]
-    return Encoded(full[:max_length], labels[:max_length], len(full) > max_length, route_labels=routes)
+        [IGNORE_INDEX] * head_length + [route_label] * (len(ids) - head_length))[:max_length]
+    response_cut = max(0, len(ids) - max_length)
+    return Encoded(ids[:max_length], labels[:max_length], over > 0, route_labels=routes, prompt_cut=cut,
+                   response_cut=response_cut)
 
 
 def encode_rows(rows, tokenizer, max_length: int, route_labels: dict[str, int] | None = None
                 ) -> tuple[list[Encoded], EncodeStats]:
     """Encode schema rows (dicts with prompt/response/id, and domain with ``route_labels``); rows
-    with nothing left to learn are dropped. A domain missing from ``route_labels`` gets no label."""
+    with no response token within ``max_length`` are dropped and counted. A domain missing from
+    ``route_labels`` gets no label."""
     stats, encoded = EncodeStats(), []
-    head_length = shared_head_length(tokenizer) if route_labels is not None else 0
+    head_length = shared_head_length(tokenizer)
     for row in rows:
         label = None if route_labels is None else route_labels.get(row["domain"], IGNORE_INDEX)
         example = encode_example(tokenizer, row["prompt"], row["response"], max_length, route_label=label,
@@ -93,6 +117,8 @@ def encode_rows(rows, tokenizer, max_length: int, route_labels: dict[str, int] |
         stats.examples += 1
         if example.truncated:
             stats.truncated += 1
+            stats.prompt_cut += example.prompt_cut > 0
+            stats.response_cut += example.response_cut > 0
             stats.truncated_ids.append(str(row.get("id", stats.examples - 1)))
         scored = sum(label != IGNORE_INDEX for label in example.labels[1:])
         if scored == 0:

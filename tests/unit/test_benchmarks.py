@@ -96,3 +96,17 @@ def test_bench_layers_times_an_earlier_commit_in_the_same_process(tmp_path):
     assert set(rows) == {"base", "peft_lora", "modula_res", "modula_res@HEAD"}
     for key in ("trainable_params", "forward_params"):
         assert rows["modula_res@HEAD"][key] == rows["modula_res"][key] > 0
+
+
+def test_bench_truncation_counts_what_each_cut_keeps():
+    """The right cut drops a row whose long prompt fills max_length; today's cut keeps its response."""
+    from modula_ray.models import load_base
+
+    _, tokenizer = load_base("tiny-llama")
+    rows = [{"prompt": "word " * 100 + "What is 2 + 2?", "response": "4"}, {"prompt": "hi", "response": "ok"}]
+    result = _load("bench_truncation").measure(rows, tokenizer, 48)
+    assert result["right_cut"] == {"rows": 2, "kept": 1, "dropped": 1, "scored_tokens": result["right_cut"][
+        "scored_tokens"], "tokens": result["right_cut"]["tokens"]}
+    assert (result["prompt_start_first"]["kept"], result["prompt_start_first"]["dropped"]) == (2, 0)
+    assert result["scored_ratio"] == round(result["prompt_start_first"]["scored_tokens"]
+                                           / result["right_cut"]["scored_tokens"], 3) > 1

@@ -173,16 +173,37 @@ def test_loss_only_on_response_tokens(tiny):
     assert "What is 2 + 2?" in tokenizer.decode(example.input_ids[: len(prompt_part)])
 
 
-def test_truncation_is_counted_not_silent(tiny):
+def test_a_long_prompt_loses_its_start_so_the_response_stays_whole(tiny):
+    """The cut at max_length takes the prompt body's start first (the shared head and a quarter of
+    max_length of the prompt's end stay), then the response's end; every cut is counted."""
+    from modula_ray.data.formatting import prompt_ids, shared_head_length
+
     _, tokenizer = tiny
     rows = [{"id": "short", "prompt": "hi", "response": "ok"},
             {"id": "long", "prompt": "hi", "response": "word " * 200},
-            {"id": "gone", "prompt": "word " * 200, "response": "ok"}]
-    encoded, stats = encode_rows(rows, tokenizer, max_length=32)
-    assert (stats.examples, stats.truncated, stats.dropped) == (3, 2, 1)
-    assert stats.truncated_ids == ["long", "gone"] and len(encoded) == 2
-    assert all(len(e.input_ids) <= 32 for e in encoded)
-    assert "2 truncated" in stats.summary()
+            {"id": "wordy", "prompt": "word " * 200 + "What is 2 + 2?", "response": "4"}]
+    encoded, stats = encode_rows(rows, tokenizer, max_length=64)
+    assert (stats.examples, stats.truncated, stats.prompt_cut, stats.response_cut, stats.dropped) == (3, 2, 1, 1, 0)
+    assert stats.truncated_ids == ["long", "wordy"] and len(encoded) == 3
+    assert all(len(e.input_ids) <= 64 for e in encoded)
+    assert "2 truncated at max_length (1 prompts cut from the left, 1 responses cut at the end)" in stats.summary()
+    head, wordy = shared_head_length(tokenizer), encoded[2]
+    full_prompt = prompt_ids(tokenizer, rows[2]["prompt"])
+    assert wordy.input_ids[:head] == full_prompt[:head]                     # the template's head is kept
+    kept = len(wordy.input_ids) - head - len(full_prompt) + wordy.prompt_cut + head  # = response tokens
+    assert wordy.input_ids[head:] == full_prompt[head + wordy.prompt_cut:] + wordy.input_ids[-kept:]
+    scored = [t for t, label in zip(wordy.input_ids, wordy.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(scored) == "4<|im_end|>\n" and "What is 2 + 2?" in tokenizer.decode(wordy.input_ids)
+    assert encoded[1].response_cut > 0 and encoded[1].prompt_cut == 0           # a short prompt is not cut
+
+
+def test_a_row_is_dropped_only_when_max_length_cannot_hold_a_response(tiny):
+    from modula_ray.data.formatting import shared_head_length
+
+    _, tokenizer = tiny
+    tight = shared_head_length(tokenizer) + 1  # the head and one prompt token: no room for a response
+    encoded, stats = encode_rows([{"id": "x", "prompt": "word " * 50, "response": "ok"}], tokenizer, max_length=tight)
+    assert (stats.dropped, len(encoded)) == (1, 0)
 
 
 def test_packing_gives_the_same_loss_as_separate_rows(tiny):
