@@ -29,8 +29,8 @@ def test_the_default_search_file_fits_the_demo_run():
     demo = load_config(PipelineConfig, ROOT / "jobs/configs/demo.yaml")
     spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", demo)
     assert spec.search.metric == "val_loss" and spec.search.mode == "min" and spec.scheduler.name == "asha"
-    assert {"lr", "temperature", "top_k", "aux_loss_coef", "warmup_steps", "steps", "router_placement",
-            "data_weights.general"} == set(spec.space)
+    assert {"lr", "temperature", "top_k", "aux_loss_coef", "route_loss_coef", "warmup_steps", "steps",
+            "router_placement", "data_weights.general"} == set(spec.space)
     assert spec.max_steps(demo.stages.router.steps) == 48 and spec.expected_trials() == spec.search.num_samples
 
 
