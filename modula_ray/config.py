@@ -237,9 +237,12 @@ class StageConfig:
 
 @dataclass
 class ExpertStageConfig(StageConfig):
-    """Stage 2 defaults plus per-domain overrides of any field, e.g. ``domains.math.scaling``."""
+    """Stage 2 defaults plus per-domain overrides of any field, e.g. ``domains.math.scaling``.
+    ``together``: every domain's expert in one worker group over one shared base (the mLoRA
+    pattern, ``train/together.py``) instead of a worker group per expert."""
 
     domains: dict[str, dict] = field(default_factory=dict)
+    together: bool = False
 
 
 @dataclass
@@ -297,6 +300,17 @@ class PipelineConfig:
         require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 retries forever)")
         for domain in self.stages.experts.domains:
             self.stage("experts", domain)  # validates each override now, before any Ray work
+        if self.stages.experts.together:
+            from .experts.layer import ExpertLinear
+
+            require(issubclass(self.method_class, ExpertLinear) and "experts" in self.plan, "stages.experts.together",
+                    f"trains LoRA-shaped domain experts in one group (modula_flan, modula_res); {self.method} "
+                    f"{'trains whole layers' if 'experts' in self.plan else 'has no stage 2'}")
+            require(not self.stages.experts.domains, "stages.experts.together",
+                    f"one group trains every expert with one setting; drop stages.experts.domains "
+                    f"({sorted(self.stages.experts.domains)})")
+            require(self.stages.experts.deepspeed is None, "stages.experts.together",
+                    "clips each expert's gradient on its own, which DeepSpeed's engine does not; drop deepspeed")
         if self.stages.joint.only_router:
             plan = self.plan
             require("joint" in plan and "experts" in plan[:plan.index("joint")], "stages.joint.only_router",
@@ -316,7 +330,9 @@ class PipelineConfig:
         if name != "experts":
             return config
         merged = to_dict(config)
-        overrides = merged.pop("domains").get(domain, {}) if domain else {}
+        merged.pop("together")
+        per_domain = merged.pop("domains")
+        overrides = per_domain.get(domain, {}) if domain else {}
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}

@@ -11,37 +11,15 @@ Written to ``RUN_DIR/eval/specialisation.json``.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..experts.inject import forced_expert
 from ..fileio import atomic_write_json
 
 RESULT_FILE = "specialisation.json"
-
-
-@contextlib.contextmanager
-def forced_expert(model, index: int):
-    """Every router returns the one-hot gate of routed expert ``index`` while inside."""
-    from ..experts.inject import routers
-
-    active = list(routers(model).values())
-
-    def one_hot(router, scores):
-        gates = torch.zeros_like(scores)
-        gates[..., index] = 1.0
-        router._record(gates, gates, None, scores)
-        return gates
-
-    for router in active:
-        router.gate = one_hot.__get__(router)
-    try:
-        yield
-    finally:
-        for router in active:
-            del router.gate
 
 
 def response_nll_per_byte(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> float:

@@ -7,6 +7,7 @@ The model carries an ``ExpertSpec`` in ``model.modula_spec``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -159,3 +160,24 @@ def last_position_gates(model: nn.Module) -> torch.Tensor | None:
     ``[batch, n_routed]`` in ``routed_names`` order; ``None`` without an active router."""
     gates = [r.last_gates for r in routers(model).values() if r.last_gates is not None]
     return torch.stack(gates).mean(dim=0) if gates else None
+
+
+@contextlib.contextmanager
+def forced_expert(model: nn.Module, index: int):
+    """Every router returns the one-hot gate of routed expert ``index`` while inside: the mixture's
+    forward with all its weight on that expert (the specialisation matrix; stage 2 trained together)."""
+    active = list(routers(model).values())
+
+    def one_hot(router, scores):
+        gates = torch.zeros_like(scores)
+        gates[..., index] = 1.0
+        router._record(gates, gates, None, scores)
+        return gates
+
+    for router in active:
+        router.gate = one_hot.__get__(router)
+    try:
+        yield
+    finally:
+        for router in active:
+            del router.gate

@@ -31,8 +31,8 @@ class TorchEngine:
 
     ds = None
 
-    def __init__(self, model, params: dict, hp: dict, world: int):
-        self.hp, self.params = hp, list(params.values())
+    def __init__(self, model, params: dict, hp: dict, world: int, clip=torch.nn.utils.clip_grad_norm_):
+        self.hp, self.params, self.clip = hp, list(params.values()), clip  # clip(params, max_norm)
         if world > 1:
             from ray.train.torch import prepare_model
 
@@ -54,7 +54,7 @@ class TorchEngine:
 
     def finish_step(self) -> None:
         if self.hp["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(self.params, self.hp["max_grad_norm"])
+            self.clip(self.params, self.hp["max_grad_norm"])
         self.optimizer.step()
         weights_changed(self.params)
         self.scheduler.step()
@@ -115,7 +115,9 @@ class DeepSpeedEngine(TorchEngine):
             yield
 
 
-def make_engine(model, params: dict, hp: dict, world: int, dtype: str):
+def make_engine(model, params: dict, hp: dict, world: int, dtype: str, clip=None):
+    """``clip``: the torch engine's gradient clipping, ``clip(params, max_norm)`` (default: one norm
+    over all of them; stage 2 trained together clips each expert on its own)."""
     if hp.get("deepspeed") is not None:
         return DeepSpeedEngine(model, params, hp, world, dtype)
-    return TorchEngine(model, params, hp, world)
+    return TorchEngine(model, params, hp, world, clip or torch.nn.utils.clip_grad_norm_)

@@ -7,7 +7,13 @@ Timing is measured where the work happens (DESIGN §7):
 ``train_started_at`` / ``train_ended_at``  inside the workers: start of the first optimizer step to
                                            the end of the last (earliest rank to latest rank);
                                            checkpoint reports in between are included
-``startup_s``                              fit start to the first optimizer step
+``startup_s``                              fit start to the first optimizer step, and where it went
+                                           (``startup_phases``, this attempt's, the latest rank's):
+                                           ``ray_s`` fit start to the worker importing the loop
+                                           (Ray Train's controller, worker group, its imports),
+                                           ``imports_s`` the loop's imports (torch, ours),
+                                           ``setup_s`` model build and load, rows read and tokenised,
+                                           engine, resume; the rest to the first step is ``first_step_s``
 ``train_s``                                the worker-side training window
 ``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with
                                            ``use_gpu``) each worker requested
@@ -28,6 +34,17 @@ def training_flops(forward_params: int, trainable_params: int, tokens: int) -> i
     return int((4 * forward_params + 2 * trainable_params) * tokens)
 
 
+def startup_phases(metrics: dict, fit_started_at: float) -> dict | None:
+    """``{ray_s, imports_s, setup_s, first_step_s}`` from the worker's clock (None without it)."""
+    clock = metrics.get("startup_phases")
+    if not clock:
+        return None
+    return {"ray_s": round(clock["loading_at"] - fit_started_at, 3),
+            "imports_s": round(clock["entered_at"] - clock["loading_at"], 3),
+            "setup_s": round(clock["ready_at"] - clock["entered_at"], 3),
+            "first_step_s": round(max(0.0, metrics["train_started_at"] - clock["ready_at"]), 3)}
+
+
 def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, spec, fit_started_at: float,
                 fit_ended_at: float, run_name: str) -> dict:
     """``spec``: the group's ``ScalingSpec``; ``metrics``: the final report of the training loop."""
@@ -43,6 +60,7 @@ def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, sp
             "fit_wall_s": round(fit_ended_at - fit_started_at, 3),
             "train_started_at": round(train_started, 3), "train_ended_at": round(train_ended, 3),
             "train_s": round(train_s, 3), "startup_s": round(train_started - fit_started_at, 3),
+            "startup_phases": startup_phases(metrics, fit_started_at),
             "num_workers": spec.num_workers, "resources_per_worker": requested, "resource_unit": unit,
             "resource_s": round(train_s * spec.num_workers * requested.get(unit, 0.0), 3),
             "tokens_per_s": round(metrics["tokens"] / max(train_s, 1e-9), 1),
@@ -75,10 +93,12 @@ def overlaps(a: dict, b: dict) -> bool:
 
 def format_ledger(ledger: list[dict]) -> str:
     lines = [f"{'event':<20} {'stage':<9} {'domain':<10} {'trainable':>10} {'tokens':>8} {'TFLOP':>7} "
-             f"{'start s':>7} {'train s':>7} {'res s':>7} {'tok/s':>7} {'peak MB':>7}"]
+             f"{'start s':>7} {'(Ray s)':>7} {'train s':>7} {'res s':>7} {'tok/s':>7} {'peak MB':>7}"]
     for r in ledger:
+        ray_s = (r.get("startup_phases") or {}).get("ray_s")
+        ray = f"{ray_s:>7.1f}" if ray_s is not None else f"{'-':>7}"
         lines.append(f"{r['event']:<20} {r['stage']:<9} {str(r['domain'] or '-'):<10} {r['trainable_params']:>10,} "
-                     f"{r['tokens']:>8,} {r['flops'] / 1e12:>7.3f} {r['startup_s']:>7.1f} {r['train_s']:>7.1f} "
+                     f"{r['tokens']:>8,} {r['flops'] / 1e12:>7.3f} {r['startup_s']:>7.1f} {ray} {r['train_s']:>7.1f} "
                      f"{r['resource_s']:>7.1f} {r['tokens_per_s']:>7,.0f} {r['peak_mem_mb']:>7.0f}")
     return "\n".join(lines)
 

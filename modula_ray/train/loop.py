@@ -9,15 +9,21 @@ parts atomically -> final report. Only ``train_loop_per_worker`` talks to Ray; e
 The worker's stdout and stderr go to ``RUN_DIR/logs/<stage>.rank<r>.log``. Timing is taken
 here, where the work happens: the wall clock at the start of the first optimizer step and at
 the end of the last (kept in the checkpointed counters, so a resumed run keeps its start),
-reduced over ranks to the earliest start and the latest end.
+reduced over ranks to the earliest start and the latest end. Where the start-up went is taken
+too (``startup_phases``, the latest rank, this attempt): the moment the worker started importing
+this module (Ray Train's part ends there), entered the loop (this module's imports), and was
+ready to step (model built and loaded, rows read and tokenised, engine made, checkpoint resumed).
 """
 from __future__ import annotations
+
+import time
+
+MODULE_LOADING_AT = time.time()  # a Ray Train worker imports this module when it unpickles the train function
 
 import os
 import resource
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +33,10 @@ import torch
 from ..compose import build_model
 from ..data.formatting import EncodeStats, collate, encode_rows, pack
 from ..experts import forward_parameter_count, method_class, save_part, trainable_parameters
+from ..experts.inject import forced_expert
 from ..experts.serialization import part_tensors, tensors_sha256
 from ..hooks import hook, imported
-from . import checkpointing
+from . import checkpointing, together
 from .engine import make_engine, weights_changed
 from .observe import Observer
 from .schedule import BatchSchedule
@@ -59,6 +66,7 @@ class Window:
     route: float = 0.0
     entropy: float = 0.0                # 0 without a router
     micro_batches: int = 0
+    group_loss: list[float] = field(default_factory=list)  # stage 2 together: each domain's
 
 
 @dataclass
@@ -86,6 +94,9 @@ class TrainState:
         "train_started_at": None, "train_ended_at": None})
     window: Window = field(default_factory=Window)
     validation: dict = field(default_factory=dict)
+    routes: list[int] | None = None     # stage 2 together: each domain's routed expert (together.py)
+    domain_stats: dict = field(default_factory=dict)  # stage 2 together: each domain's rows
+    phases: dict = field(default_factory=dict)  # this attempt's start-up clock: loading, entered, ready
 
 
 def _all_reduce(values: list[float], op: str, world: int, device) -> list[float]:
@@ -115,30 +126,40 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
     first, so every rank starts from the same adapter init."""
     hp = task.hparams
     seed_everything(task.seed)
+    grouped = together.is_together(task)
     model, tokenizer = build_model(task.base_model, task.method, task.domains, task.experts, load=task.load,
-                                   stage=task.stage, dtype=task.dtype)
+                                   stage="joint" if grouped else task.stage, dtype=task.dtype)
+    own = domain_stats = None
+    if grouped:  # every domain's expert in one model, each domain's rows through its own (together.py)
+        together.train_only_domain_experts(model)
+        routed = method_class(task.method).route_labels(task.domains, task.domains)
+        own = [routed[d] for d in task.domains]
     model.to(device).train()
     if hp.get("compile"):  # outputs equal eager's (tests/unit/test_layers.py); PERFORMANCE.md has the cost
         model.forward = torch.compile(model.forward)
 
-    routes = method_class(task.method).route_labels(task.domains, task.data_domains) if hp["route_loss_coef"] else None
-    examples, stats = encode_rows(rows, tokenizer, task.max_length, routes)
+    if grouped:
+        examples, stats, schedule, domain_stats = together.encode_groups(task, rows, tokenizer, world=world, rank=rank)
+    else:
+        routes = method_class(task.method).route_labels(task.domains, task.data_domains) if hp["route_loss_coef"] \
+            else None
+        examples, stats = encode_rows(rows, tokenizer, task.max_length, routes)
     if rank == 0 and (stats.truncated or stats.dropped):
         print(f"[{task.key}] tokenised: {stats.summary()}", flush=True)
     if not examples:
         raise ValueError(f"[{task.key}] no training example has a response token within "
                          f"max_length={task.max_length}: {stats.summary()}; raise data.max_length")
-    if task.pack:
-        examples = pack(examples, task.max_length)
-    schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
-                             grad_accum=hp["grad_accum"], seed=task.seed)
+    if not grouped:
+        examples = pack(examples, task.max_length) if task.pack else examples
+        schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
+                                 grad_accum=hp["grad_accum"], seed=task.seed)
     params = trainable_parameters(model)
     trainable, forward = sum(p.numel() for p in params.values()), forward_parameter_count(model)
-    engine = make_engine(model, params, hp, world, task.dtype)
+    engine = make_engine(model, params, hp, world, task.dtype, clip=together.clip_per_expert if grouped else None)
     validate = imported(task.validator)(tokenizer, task) if task.validator else None
     return TrainState(task=task, rank=rank, world=world, device=device, tokenizer=tokenizer, examples=examples,
                       stats=stats, schedule=schedule, engine=engine, params=params, trainable_params=trainable,
-                      forward_params=forward, validate=validate)
+                      forward_params=forward, validate=validate, routes=own, domain_stats=domain_stats or {})
 
 
 def train_step(state: TrainState) -> None:
@@ -149,10 +170,20 @@ def train_step(state: TrainState) -> None:
     if counters["train_started_at"] is None:
         counters["train_started_at"] = time.time()
     for micro in range(hp["grad_accum"]):
-        batch = collate([state.examples[i] for i in state.schedule.indices(state.step, micro)],
-                        state.tokenizer.pad_token_id)
-        out = state.engine.micro_step({k: v.to(state.device) for k, v in batch.items()},
-                                      last=micro == hp["grad_accum"] - 1)
+        last = micro == hp["grad_accum"] - 1
+        if state.routes is None:
+            out = _micro_step(state, state.schedule.indices(state.step, micro), last)
+        else:  # stage 2 together: each domain's micro-batch through its own expert, gradients adding up
+            outs = []
+            for group, indices in enumerate(state.schedule.groups(state.step, micro)):
+                with forced_expert(state.engine.module, state.routes[group]):
+                    outs.append(_micro_step(state, indices, last and group == len(state.routes) - 1))
+            window.group_loss = [a + o["ce"] for a, o in zip(window.group_loss or [0.0] * len(outs), outs)]
+            counters["domain_tokens"] = [a + o["input_tokens"] for a, o in
+                                         zip(counters.get("domain_tokens") or [0] * len(outs), outs)]
+            # no router trains here: the forced gates' aux and entropy mean nothing, so none are logged
+            out = {key: sum(o[key] for o in outs) for key in ("input_tokens", "tokens")} | {
+                "ce": sum(o["ce"] for o in outs) / len(outs), "aux": 0.0, "route": 0.0, "entropy": 0.0}
         counters["tokens"] += out["input_tokens"]
         counters["response_tokens"] += out["tokens"]
         window.tokens += out["input_tokens"]
@@ -167,6 +198,13 @@ def train_step(state: TrainState) -> None:
     if counters["first_loss"] is None:
         counters["first_loss"] = _all_reduce([window.loss / window.micro_batches], "SUM", state.world,
                                              state.device)[0] / state.world
+        if window.group_loss:
+            counters["domain_first_loss"] = _domain_means(state, window.group_loss)
+
+
+def _micro_step(state: TrainState, indices: list[int], last: bool) -> dict:
+    batch = collate([state.examples[i] for i in indices], state.tokenizer.pad_token_id)
+    return state.engine.micro_step({k: v.to(state.device) for k, v in batch.items()}, last=last)
 
 
 def report_due(state: TrainState) -> tuple[bool, bool]:
@@ -193,7 +231,24 @@ def window_metrics(state: TrainState) -> dict:
         state.validation = state.validate(state.engine.module)
         metrics.update(state.validation)
     state.counters.update(loss=metrics["loss"], route=metrics["route"], gate_entropy=metrics["gate_entropy"])
+    if window.group_loss:
+        state.counters["domain_loss"] = _domain_means(state, window.group_loss)
+        metrics.update({f"loss/{domain}": loss for domain, loss in state.counters["domain_loss"].items()})
     return metrics
+
+
+def _domain_summaries(state: TrainState) -> dict[str, dict]:
+    """Stage 2 together: what the manifest records of each domain's expert (as a group of one would)."""
+    counters = state.counters
+    tokens = _all_reduce(counters["domain_tokens"], "SUM", state.world, state.device)
+    return {d: {**state.domain_stats[d], "tokens": int(n), "loss": counters["domain_loss"][d],
+                "first_loss": counters["domain_first_loss"][d]} for d, n in zip(state.task.domains, tokens)}
+
+
+def _domain_means(state: TrainState, sums: list[float]) -> dict[str, float]:
+    """Stage 2 together: each domain's loss over the window's micro-batches, averaged over ranks."""
+    n = state.window.micro_batches * state.world
+    return dict(zip(state.task.domains, (v / n for v in _all_reduce(sums, "SUM", state.world, state.device))))
 
 
 def save_checkpoint(state: TrainState, folder: Path) -> None:
@@ -249,12 +304,16 @@ def finish(state: TrainState, node_id: str) -> dict:
     peak = _all_reduce([_peak_memory_mb(device)], "MAX", world, device)[0]
     started = _all_reduce([counters["train_started_at"]], "MIN", world, device)[0]
     ended = _all_reduce([counters["train_ended_at"]], "MAX", world, device)[0]
+    names = sorted(state.phases)
+    phases = dict(zip(names, _all_reduce([state.phases[n] for n in names], "MAX", world, device)))
     return {"step": state.step, "loss": counters["loss"], "first_loss": counters["first_loss"],
             "route": counters.get("route"), "gate_entropy": counters.get("gate_entropy"),
             "tokens": int(tokens), "response_tokens": int(response_tokens),
             "trainable_params": state.trainable_params, "forward_params": state.forward_params,
             "peak_mem_mb": round(peak, 1), "examples": len(state.examples), "truncated": state.stats.truncated,
             "dropped": state.stats.dropped, "train_started_at": started, "train_ended_at": ended,
+            "startup_phases": phases,
+            **({"domains": _domain_summaries(state)} if state.domain_stats else {}),
             "resumed_from_step": state.resumed_from, "engine": _engine_name(state.engine),
             "rank_nodes": _gather(node_id, world), "rank_part_sha256": digests, **state.validation,
             "final_report": True}
@@ -286,6 +345,7 @@ def _redirect_output(task: StageTask, rank: int) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """What every Ray Train worker runs: the parts above around Ray's data shard, checkpoints and reports."""
+    entered = time.time()
     import ray.train
     from ray.train import Checkpoint
     from ray.train.torch import get_device
@@ -306,6 +366,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume(state, Path(folder))
+    state.phases = {"loading_at": MODULE_LOADING_AT, "entered_at": entered, "ready_at": time.time()}
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         if not with_checkpoint:

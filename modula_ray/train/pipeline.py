@@ -96,8 +96,9 @@ class Runner:
         return False
 
     def fit(self, tasks: list[StageTask]) -> None:
-        tasks = [t for t in tasks if self.stale(t.key)]
-        run_names = {t.key: self.manifest.start_stage(t.key, t.slug, force=self.force) for t in tasks}
+        tasks = [t for t in tasks if any(self.stale(key) for key in t.stage_keys)]
+        run_names = {t.key: [self.manifest.start_stage(key, t.slug, force=self.force) for key in t.stage_keys][-1]
+                     for t in tasks}
         if not tasks:
             return
         specs = {t.key: self.run.config.stage(t.stage, t.key.partition("/")[2] or None).scaling for t in tasks}
@@ -112,13 +113,14 @@ class Runner:
     def _record(self, job: dict, record: dict, metrics: dict) -> None:
         task, manifest, method = job["task"], self.manifest, self.run.config.method_class
         summary = {k: metrics[k] for k in ("loss", "tokens", "examples", "truncated", "dropped") if k in metrics}
+        domains = metrics.get("domains") or {}  # stage 2 together: each domain's own numbers
         if any(ref.part == "router" for ref in task.save):
             summary |= {k: metrics.get(k) for k in ("route", "gate_entropy")}
         for ref in task.save:
             if ref.part == "universal":
                 manifest.record_universal(ref.path, summary)
             elif ref.part == "domain":
-                manifest.record_domain(ref.domain, ref.path, summary)
+                manifest.record_domain(ref.domain, ref.path, domains.get(ref.domain, summary))
             else:
                 manifest.record_router(ref.path, routed=method.routed_names(task.domains), metrics=summary,
                                        hyperparameters=router_hyperparameters(self.run.config.experts, task.hparams,
@@ -128,7 +130,8 @@ class Runner:
                 manifest.record_domain(domain, None, {})
         manifest.order_domains(self.run.domains)  # router order, not finishing order
         manifest.add_ledger([record])
-        manifest.finish_stage(task.key, self.event)
+        for key in task.stage_keys:
+            manifest.finish_stage(key, self.event)
         manifest.save()
 
 
@@ -136,7 +139,7 @@ def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
     """Every worker group the plan will ask for: ``(stage key, ScalingSpec)``."""
     groups = []
     for stage in config.plan:
-        domains = config.domains if stage == "experts" else [None]
+        domains = config.domains if stage == "experts" and not config.stages.experts.together else [None]
         groups += [(f"experts/{d}" if d else stage, config.stage(stage, d).scaling) for d in domains]
     return groups
 

@@ -14,7 +14,7 @@ AFTER_STEP_ENV = "MODULA_RAY_AFTER_STEP"
 
 @dataclass
 class StageTask:
-    key: str                   # universal | experts/<domain> | router | joint
+    key: str                   # universal | experts/<domain> | experts (all together) | router | joint
     stage: str                 # the set_stage name
     method: str
     domains: list[str]         # the model's domain experts, router order
@@ -55,6 +55,14 @@ class StageTask:
     @property
     def slug(self) -> str:
         return self.key.replace("/", "-")
+
+    @property
+    def stage_keys(self) -> list[str]:
+        """The manifest's stage entries this task trains: its key, or each ``experts/<domain>`` of a
+        stage-2 task that trains several domains together."""
+        if self.key == "experts":
+            return [f"experts/{domain}" for domain in self.domains]
+        return [self.key]
 
 
 @dataclass

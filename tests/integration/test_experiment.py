@@ -40,9 +40,18 @@ def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment)
 def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(experiment):
     _, out, *_ = experiment
     ledger = {m: json.loads((out / "seed0" / m / "manifest.json").read_text())["ledger"] for m in ("molora", "modula_res")}
-    # steps: molora joint (2 + 2) x 2 = 8; modula_res universal 2 + experts 2 x 2 + router 2 = 8 (4 records)
+    # steps: molora joint (2 + 2) x 2 = 8; modula_res universal 2 + experts 2 x 2 + router 2 = 8
     assert [r["stage"] for r in ledger["molora"]] == ["joint"]
-    assert sorted(r["stage"] for r in ledger["modula_res"]) == ["experts", "experts", "router", "universal"]
+    # modula_res trains stage 2 together (tiny-experiment.yaml): one record, each expert in the manifest
+    assert sorted(r["stage"] for r in ledger["modula_res"]) == ["experts", "router", "universal"]
+    [together] = [r for r in ledger["modula_res"] if r["stage"] == "experts"]
+    manifest = json.loads((out / "seed0" / "modula_res" / "manifest.json").read_text())
+    assert together["domains"] == ["math", "code"] and together["domain"] is None
+    assert {manifest["stages"][f"experts/{d}"]["run_name"] for d in ("math", "code")} == {together["run_name"]}
+    for domain in ("math", "code"):
+        mine = manifest["domains"][domain]["metrics"]
+        assert mine["examples"] > 0 and 0 < mine["tokens"] < together["tokens"] and mine["loss"] > 0
+    assert sum(manifest["domains"][d]["metrics"]["tokens"] for d in ("math", "code")) == together["tokens"]
     added = {m: [r for r in json.loads((out / "seed0" / f"{m}+finance" / "manifest.json").read_text())["ledger"]
                  if r["event"] == "add-domain:finance"] for m in ("molora", "modula_res")}
     assert [r["stage"] for r in added["molora"]] == ["joint"]            # retrained from scratch

@@ -62,6 +62,9 @@ def test_ledger_has_a_record_per_stage_and_expert_and_stage2_overlaps(tiny_run):
         assert record["startup_s"] == pytest.approx(record["train_started_at"] - record["fit_started_at"], abs=2e-3)
         assert record["resource_s"] == pytest.approx(record["train_s"] * 1 * 0.5, abs=2e-3)  # 1 worker x 0.5 CPU
         assert record["resumed_from_step"] is None and record["engine"] == "torch" and record["peak_mem_mb"] > 0
+        phases = record["startup_phases"]  # where the start-up went, timed in the worker: it adds up
+        assert min(phases.values()) >= 0 and phases["ray_s"] > phases["first_step_s"]
+        assert sum(phases.values()) == pytest.approx(record["startup_s"], abs=5e-3)
     assert experts["math"]["trainable_params"] == experts["code"]["trainable_params"]
     universal = next(r for r in ledger if r["stage"] == "universal")
     assert universal["trainable_params"] == 2 * experts["math"]["trainable_params"]  # r_u = 2 r_d, same shapes

@@ -135,6 +135,12 @@ def test_record_counts_resource_seconds_from_the_request():
     assert (half["train_s"], half["startup_s"], half["fit_wall_s"]) == (10.0, 3.0, 20.0)
     assert half["resource_s"] == 10.0 and half["resource_unit"] == "CPU"  # 10 s x 2 workers x 0.5 CPU
     assert half["flops"] == (4 * 1000 + 2 * 10) * 400 and half["tokens_per_s"] == 40.0
+    assert half["startup_phases"] is None  # a loop without the start-up clock (an older run's report)
+    clocked = make_record(stage="experts", domain="math", event="pipeline", run_name="r", spec=ScalingSpec(),
+                          metrics={**metrics, "startup_phases": {"loading_at": 100.5, "entered_at": 101.25,
+                                                                 "ready_at": 102.0}},
+                          fit_started_at=100.0, fit_ended_at=120.0)
+    assert clocked["startup_phases"] == {"ray_s": 0.5, "imports_s": 0.75, "setup_s": 0.75, "first_step_s": 1.0}
     gpu = make_record(stage="router", domain=None, event="pipeline", metrics=metrics, run_name="r",
                       spec=ScalingSpec(num_workers=4, use_gpu=True, resources_per_worker={"CPU": 8}),
                       fit_started_at=100.0, fit_ended_at=120.0)
