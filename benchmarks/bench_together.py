@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import ray
 
-    from modula_ray.fileio import atomic_write_json
+    from modula_ray.fileio import emit_json
 
     run = args.run.resolve()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
               "ratios": {"together_vs_per_group_wall": round(mine["wall_s"] / theirs["wall_s"], 3),
                          "together_vs_per_group_tokens_per_s": round(mine["tokens_per_s_over_wall"]
                                                                      / theirs["tokens_per_s_over_wall"], 3)}}
-    if args.out:
-        atomic_write_json(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import pyarrow.parquet as pq
 
     from modula_ray.data.build import split_file
-    from modula_ray.fileio import atomic_write_json
+    from modula_ray.fileio import emit_json
     from transformers import AutoTokenizer
 
     from modula_ray.models import resolve_base
@@ -70,10 +70,7 @@ def main(argv=None) -> int:
               "settings": {"data": str(args.data), "base": args.base, "split": args.split,
                            "max_length": args.max_length, "size": manifest.get("size")},
               "domains": domains}
-    if args.out:
-        atomic_write_json(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ def atomic_write_json(path, obj, sort_keys: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def emit_json(result, out=None) -> int:
+    """What a benchmark ends with: ``result`` printed as JSON and, with ``out``, written there
+    atomically; returns the exit code 0."""
+    if out:
+        atomic_write_json(out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
     """Yield a temporary folder; on success it replaces ``path`` whole.
