@@ -120,4 +120,4 @@ def make_engine(model, params: dict, hp: dict, world: int, dtype: str, clip=None
     over all of them; stage 2 trained together clips each expert on its own)."""
     if hp.get("deepspeed") is not None:
         return DeepSpeedEngine(model, params, hp, world, dtype)
-    return TorchEngine(model, params, hp, world, clip or torch.nn.utils.clip_grad_norm_)
+    return TorchEngine(model, params, hp, world, **({"clip": clip} if clip else {}))
