@@ -151,6 +151,7 @@ def diagnose(run_dir: Path, coef: float, args) -> dict:
         print(f"coef {coef} step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in entry.items()
                                                       if isinstance(v, float)), flush=True)
     record["train_s"] = time.perf_counter() - started
+    record["route_init"] = state.route_init  # route_init_rows: the fit before step 1 (router_fit.py)
     record["head_tokens"] = head
     record["head_share"] = statistics.mean(head / len(e.input_ids) for e in state.examples)
     record["examples"], record["encode"] = len(state.examples), state.stats.summary()

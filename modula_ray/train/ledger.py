@@ -25,6 +25,9 @@ whole network (adapters sit in every block), ``2 N``, plus weight gradients of t
 parameters only, ``2 N_train``. So ``flops = (4 N + 2 N_train) * tokens``; attention-score
 FLOPs (which grow with sequence length) are left out.
 
+With ``route_init_rows`` (``route_init``) the routers' fit before the first step adds its
+forward passes, ``2 N`` per input token, to ``flops``; its time is part of ``setup_s``.
+
 The paper's pluggability metric for adding a domain is trainable params x training tokens.
 """
 from __future__ import annotations
@@ -52,10 +55,13 @@ def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, sp
     unit = "GPU" if spec.use_gpu else "CPU"
     train_started, train_ended = metrics["train_started_at"], metrics["train_ended_at"]
     train_s = train_ended - train_started
+    fit = metrics.get("route_init")
     return {"stage": stage, "domain": domain, "event": event, "run_name": run_name,
             "trainable_params": int(metrics["trainable_params"]), "forward_params": int(metrics["forward_params"]),
             "tokens": int(metrics["tokens"]),
-            "flops": training_flops(metrics["forward_params"], metrics["trainable_params"], metrics["tokens"]),
+            "flops": training_flops(metrics["forward_params"], metrics["trainable_params"], metrics["tokens"])
+            + (2 * int(metrics["forward_params"]) * fit["input_tokens"] if fit else 0),
+            "route_init": fit,
             "fit_started_at": round(fit_started_at, 3), "fit_ended_at": round(fit_ended_at, 3),
             "fit_wall_s": round(fit_ended_at - fit_started_at, 3),
             "train_started_at": round(train_started, 3), "train_ended_at": round(train_ended, 3),

@@ -34,6 +34,7 @@ from ..compose import build_model
 from ..data.formatting import EncodeStats, collate, encode_rows, pack
 from ..experts import forward_parameter_count, method_class, save_part, trainable_parameters
 from ..experts.inject import forced_expert
+from ..experts.router_fit import describe as describe_fit, fit_routers
 from ..experts.serialization import part_tensors, tensors_sha256
 from ..hooks import hook, imported
 from . import checkpointing, together
@@ -97,6 +98,7 @@ class TrainState:
     routes: list[int] | None = None     # stage 2 together: each domain's routed expert (together.py)
     domain_stats: dict = field(default_factory=dict)  # stage 2 together: each domain's rows
     phases: dict = field(default_factory=dict)  # this attempt's start-up clock: loading, entered, ready
+    route_init: dict | None = None      # route_init_rows: what fitting the routers took (router_fit.py)
 
 
 def _all_reduce(values: list[float], op: str, world: int, device) -> list[float]:
@@ -141,14 +143,19 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
     if grouped:
         examples, stats, schedule, domain_stats = together.encode_groups(task, rows, tokenizer, world=world, rank=rank)
     else:
-        routes = method_class(task.method).route_labels(task.domains, task.data_domains) if hp["route_loss_coef"] \
-            else None
+        labelled = hp["route_loss_coef"] or hp.get("route_init_rows")
+        routes = method_class(task.method).route_labels(task.domains, task.data_domains) if labelled else None
         examples, stats = encode_rows(rows, tokenizer, task.max_length, routes)
     if rank == 0 and (stats.truncated or stats.dropped):
         print(f"[{task.key}] tokenised: {stats.summary()}", flush=True)
     if not examples:
         raise ValueError(f"[{task.key}] no training example has a response token within "
                          f"max_length={task.max_length}: {stats.summary()}; raise data.max_length")
+    route_init = None
+    if not grouped and hp.get("route_init_rows"):  # the routers fitted to the domain labels first
+        route_init = fit_routers(model, examples, hp["route_init_rows"], task.seed)
+        if rank == 0:
+            print(f"[{task.key}] {describe_fit(route_init)}", flush=True)
     if not grouped:
         examples = pack(examples, task.max_length) if task.pack else examples
         schedule = BatchSchedule(len(examples), world=world, rank=rank, batch_size=hp["batch_size"],
@@ -159,7 +166,8 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
     validate = imported(task.validator)(tokenizer, task) if task.validator else None
     return TrainState(task=task, rank=rank, world=world, device=device, tokenizer=tokenizer, examples=examples,
                       stats=stats, schedule=schedule, engine=engine, params=params, trainable_params=trainable,
-                      forward_params=forward, validate=validate, routes=own, domain_stats=domain_stats or {})
+                      forward_params=forward, validate=validate, routes=own, domain_stats=domain_stats or {},
+                      route_init=route_init)
 
 
 def train_step(state: TrainState) -> None:
@@ -314,6 +322,7 @@ def finish(state: TrainState, node_id: str) -> dict:
             "dropped": state.stats.dropped, "train_started_at": started, "train_ended_at": ended,
             "startup_phases": phases,
             **({"domains": _domain_summaries(state)} if state.domain_stats else {}),
+            **({"route_init": state.route_init} if state.route_init else {}),
             "resumed_from_step": state.resumed_from, "engine": _engine_name(state.engine),
             "rank_nodes": _gather(node_id, world), "rank_part_sha256": digests, **state.validation,
             "final_report": True}

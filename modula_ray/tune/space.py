@@ -60,6 +60,7 @@ PARAMS = {
     "top_k": Param("experts.top_k", int, optional=True),
     "aux_loss_coef": Param("stages.router.aux_loss_coef", float, lambda v: v >= 0, ">= 0"),
     "route_loss_coef": Param("stages.router.route_loss_coef", float, lambda v: v >= 0, ">= 0"),
+    "route_init_rows": Param("stages.router.route_init_rows", int, lambda v: v >= 0, ">= 0"),
     "warmup_steps": Param("stages.router.warmup_steps", int, lambda v: v >= 0, ">= 0"),
     "steps": Param("stages.router.steps", int, lambda v: v >= 1, ">= 1"),
     "batch_size": Param("stages.router.batch_size", int, lambda v: v >= 1, ">= 1"),

@@ -3,6 +3,7 @@ with its tables and figures, a rerun that recomputes nothing, a failed part that
 dependents and is picked up by the next rerun; then ``modula-ray chat-tour`` over the result with
 the openai client."""
 import json
+import math
 import re
 
 import pytest
@@ -62,6 +63,15 @@ def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(
     assert costs["modula_res"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(fraction)
     assert costs["molora"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(1.0)
     assert 0 < fraction < 1
+    # route_init_rows=2 (tiny-experiment.yaml): 2 rows per routed label fitted before each router stage
+    # (res's general rows have none), their forwards counted in the router's FLOPs
+    for record, labels in (([r for r in ledger["modula_res"] if r["stage"] == "router"][0], 2),
+                           ([r for r in added["modula_res"] if r["stage"] == "router"][0], 3)):
+        fit = record["route_init"]
+        assert fit["rows"] == 2 * labels and 0 < fit["tokens"] <= 32 * fit["rows"] < 32 * fit["input_tokens"]
+        assert fit["route_nll_after"] < math.log(labels)  # better than uniform gates on the rows fitted
+        assert record["flops"] > 2 * record["forward_params"] * fit["input_tokens"]
+    assert all(r.get("route_init") is None for r in ledger["molora"])
     # the runs without the added domain are left as they were: the copies took finance
     assert "finance" not in json.loads((out / "seed0" / "modula_res" / "manifest.json").read_text())["domains"]
 

@@ -29,7 +29,7 @@ def test_the_default_search_file_fits_the_demo_run():
     demo = load_config(PipelineConfig, ROOT / "jobs/configs/demo.yaml")
     spec = load_spec(ROOT / "jobs/configs/tune-router.yaml", demo)
     assert spec.search.metric == "val_loss" and spec.search.mode == "min" and spec.scheduler.name == "asha"
-    assert {"lr", "temperature", "top_k", "aux_loss_coef", "route_loss_coef", "warmup_steps", "steps",
+    assert {"lr", "temperature", "top_k", "aux_loss_coef", "route_loss_coef", "route_init_rows", "warmup_steps", "steps",
             "router_placement", "data_weights.general"} == set(spec.space)
     assert spec.max_steps(demo.stages.router.steps) == 48 and spec.expected_trials() == spec.search.num_samples
 
@@ -40,6 +40,7 @@ def test_the_default_search_file_fits_the_demo_run():
     ({"top_k": {"choice": []}}, "space.top_k", "non-empty list"),
     ({"top_k": {"choice": [None, 1, 3]}}, "space.top_k", r"3 is not allowed: top_k=3 must be in 1\.\.2"),
     ({"top_k": 0}, "space.top_k", "not allowed: must be >= 1"),
+    ({"route_init_rows": {"choice": [0, -4]}}, "space.route_init_rows", "-4 is not allowed: must be int >= 0"),
     ({"steps": {"uniform": [8, 16]}}, "space.steps", "choice, grid or randint"),
     ({"router_placement": {"choice": ["layer", "row"]}}, "space.router_placement",
      r"'row' is not allowed: must be one of \['layer', 'block'\]"),
