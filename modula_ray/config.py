@@ -217,7 +217,7 @@ class StageConfig:
     max_grad_norm: float | None = 1.0
     aux_loss_coef: float = 0.0               # Switch load balance (router stages)
     route_loss_coef: float = 0.0             # supervised routing: -log P(row's own expert), router stages (objective.py)
-    route_init_rows: int = 0                 # router stages: fit the routers to this many rows' domains per domain first (router_fit.py)
+    route_init_rows: int = 0                 # router stages: first fit the routers to N rows per domain (router_fit.py)
     log_every: int = 5
     checkpoint_every: int = 10
     data_weights: dict[str, float] | None = None  # domain mix; None = as built

@@ -70,8 +70,8 @@ def router_hyperparameters(experts, stage: dict, data_weights: dict | None) -> d
     """What the manifest records of a router: its layer settings (``ExpertsConfig``) and the
     optimisation of the stage that trained it (``StageConfig`` as a dict)."""
     return {**{k: getattr(experts, k) for k in ROUTER_SETTINGS},
-            **{k: stage[k] for k in ("aux_loss_coef", "route_loss_coef", "route_init_rows", "lr", "steps", "warmup_steps", "batch_size",
-                                "weight_decay")},
+            **{k: stage[k] for k in ("aux_loss_coef", "route_loss_coef", "route_init_rows", "lr", "steps",
+                                     "warmup_steps", "batch_size", "weight_decay")},
             "data_weights": data_weights}
 
 
