@@ -90,9 +90,12 @@ def capture(model, examples: list, seed: int) -> tuple[dict[str, torch.Tensor], 
                     features.setdefault(path, []).append(picked[id(x)])
     finally:
         model.train(was_training)
-    shared: dict[tuple, torch.Tensor] = {}
-    return ({path: shared.setdefault(tuple(id(p) for p in parts), torch.cat(parts)) for path, parts in features.items()},
-            torch.cat(labels))
+    shared: dict[tuple, torch.Tensor] = {}  # q, k and v's inputs concatenated once
+    for parts in features.values():
+        key = tuple(id(p) for p in parts)
+        if key not in shared:
+            shared[key] = torch.cat(parts)
+    return {path: shared[tuple(id(p) for p in parts)] for path, parts in features.items()}, torch.cat(labels)
 
 
 def fit_router(router, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
