@@ -11,7 +11,9 @@
 #
 # Ray >= 2.59 turns on token authentication for local clusters, so every node and client shares
 # one token file kept in the state folder. Each node runs in its own process session, recorded
-# as a process-group id, which is what `down` kills.
+# as a process-group id, which is what `down` kills. Each node's dashboard agent (which runs the
+# submitted jobs) takes a free port, not Ray's fixed 52365: another Ray on this machine may hold
+# that, and the job server would then answer "No available agent to submit job".
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,9 +46,11 @@ up() {
   [ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077; "$ROOT/.venv/bin/python" -c 'import secrets; print(secrets.token_hex(32))' >"$RAY_AUTH_TOKEN_PATH")
   start_node head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true --num-cpus="$HEAD_CPUS" \
-    --resources='{"pool_head": 4}' --labels="pool=head" --temp-dir="$RAY_TEMP" --disable-usage-stats
+    --resources='{"pool_head": 4}' --labels="pool=head" --temp-dir="$RAY_TEMP" --disable-usage-stats \
+    --dashboard-agent-listen-port=0
   start_node worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
-    --resources='{"pool_worker": 4}' --labels="pool=worker" --temp-dir="$RAY_TEMP-w" --disable-usage-stats
+    --resources='{"pool_worker": 4}' --labels="pool=worker" --temp-dir="$RAY_TEMP-w" --disable-usage-stats \
+    --dashboard-agent-listen-port=0
   for _ in $(seq 1 60); do  # bounded wait for the job server
     if "$ROOT/.venv/bin/python" - "$DASHBOARD_PORT" "$RAY_AUTH_TOKEN_PATH" <<'PY' 2>/dev/null; then break; fi
 import sys, urllib.request

@@ -128,11 +128,14 @@ def _join(address: str | None, dashboard_url: str | None, **options):
     finally:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
-    if dashboard_url is not None and context.dashboard_url and _dashboard(context.dashboard_url) != _dashboard(
-            dashboard_url):
+    # A cluster without a dashboard is not the one RAY_ADDRESS names either ("auto" joins any Ray
+    # running on this machine, found by its process, when no address file names one).
+    if dashboard_url is not None and _dashboard(context.dashboard_url or "") != _dashboard(dashboard_url):
         ray.shutdown()
-        raise ClusterAddressError(f"{address} joined the cluster whose dashboard is {context.dashboard_url}, not "
-                                  f"RAY_ADDRESS={dashboard_url}; set {GCS_ENV} to that cluster's GCS address.")
+        joined = f"the cluster whose dashboard is {context.dashboard_url}" if context.dashboard_url else \
+            "a cluster without a dashboard"
+        raise ClusterAddressError(f"{address} joined {joined}, not RAY_ADDRESS={dashboard_url}; set {GCS_ENV} to "
+                                  f"that cluster's GCS address.")
     return context
 
 

@@ -92,13 +92,15 @@ def node_ids_by_pool(env: dict) -> dict[str, str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_dashboard_address_without_a_gcs_address_says_what_to_do(tmp_path):
-    """RAY_ADDRESS=http://... of a cluster we cannot find: one clear sentence, exit 2, nothing trained."""
+def test_a_dashboard_address_without_a_gcs_address_says_what_to_do(ray_local, tmp_path):
+    """RAY_ADDRESS=http://... of a cluster we cannot find, while another Ray runs on this machine (the
+    tests' in-process one, without a dashboard), which Ray's "auto" joins: one clear sentence, exit 2,
+    nothing trained. (With no Ray running at all: the unit twin in test_ray_session.py.)"""
     env = {k: v for k, v in os.environ.items() if k != "MODULA_RAY_GCS_ADDRESS"}
     env.update(RAY_ADDRESS="http://127.0.0.1:1", RAY_TMPDIR=str(tmp_path / "no-ray-here"))
     out = subprocess.run([str(ROOT / ".venv/bin/modula-ray"), "train", "--config", "jobs/configs/tiny.yaml",
                           "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "is the dashboard address that `ray job submit` uses" in out.stderr
+    assert "auto joined a cluster without a dashboard, not RAY_ADDRESS=http://127.0.0.1:1" in out.stderr
     assert "MODULA_RAY_GCS_ADDRESS" in out.stderr and not (tmp_path / "run" / "manifest.json").exists()

@@ -126,7 +126,7 @@ def test_a_dashboard_address_joins_the_gcs_address_of_the_same_cluster(clean_env
 
 
 def test_a_dashboard_address_without_a_cluster_behind_it_says_what_to_do(clean_env):
-    """The unit twin of test_cluster.py::test_a_dashboard_address_without_a_gcs_address_says_what_to_do."""
+    """No Ray at all on this machine ("auto" finds none). With one running: test_cluster.py."""
     fake = FakeRay(clean_env, error=ConnectionError("Could not find any running Ray instance.\nPlease start one."))
     clean_env.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
     with pytest.raises(ClusterAddressError) as raised:
@@ -146,6 +146,16 @@ def test_the_gcs_address_of_another_cluster_is_refused(clean_env):
                                                   "127.0.0.1:9999, not RAY_ADDRESS=http://127.0.0.1:8265"):
         connect_ray()
     assert fake.shutdowns == 1
+
+
+def test_a_cluster_without_a_dashboard_is_not_the_one_a_dashboard_address_names(clean_env):
+    """"auto" joins whatever Ray runs on this machine, e.g. an in-process one without a dashboard."""
+    fake = FakeRay(clean_env, dashboard_url="")
+    clean_env.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    with pytest.raises(ClusterAddressError, match=r"^auto joined a cluster without a dashboard, not "
+                                                  r"RAY_ADDRESS=http://127.0.0.1:1; set MODULA_RAY_GCS_ADDRESS"):
+        connect_ray()
+    assert fake.calls[0]["address"] == "auto" and fake.shutdowns == 1
 
 
 def test_a_ray_already_up_is_left_to_its_owner(clean_env, capsys):
