@@ -47,9 +47,8 @@ demo: install
 	@echo "  .venv/bin/modula-ray cost runs/demo/seed0/modula_res+finance --against runs/demo/seed0/molora+finance"
 	@echo "  less runs/demo/logs/seed0__modula_res__train.log                       # each part's own output"
 
-# Two pytest-xdist workers, each with its own in-process Ray (tests/conftest.py says which tests go where).
 test: install
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest
 
 # The inner loop: tests/unit only (no Ray, no server); every integration test is marked slow.
 test-fast: install
