@@ -1,11 +1,10 @@
 """MoDE through the same machinery as every method: the tiny pipeline with ``method: mode``
 (stage 2 on two worker groups at once, then joint), add-domain with the old experts byte-identical,
-``--model modula`` in lm-eval, Tune over the gates, and Ray Serve (as test_serve.py serves the
-tiny run)."""
+and ``--model modula`` in lm-eval. Serving it: test_serve.py."""
 import pytest
 import torch
 
-from tests.integration.conftest import call, copy_run, digests, free_port
+from tests.integration.conftest import copy_run, digests
 
 pytestmark = pytest.mark.slow
 
@@ -72,33 +71,3 @@ def test_tune_searches_the_gates_as_the_router(mode_run, tmp_path):
     assert router["routed"] == ["backbone", "math", "code"] and router["tuned"]["completed"] == 1
     assert 0 <= out["best"]["routing_accuracy"] <= 1
     assert {name: digests(run_dir / name) for name in experts} == experts  # only the gates moved
-
-
-def test_a_mode_run_is_served_like_any_other(mode_run):
-    """A MoDE composition as a Serve application on 127.0.0.1: the openai client's greedy answer
-    equals in-process generation, and the gates' routing (backbone first) comes back."""
-    from ray import serve
-
-    from modula_ray.compose import load_composition
-    from modula_ray.serve.app import build_app
-    from modula_ray.serve.generation import GenerationRequest, generate_batch
-    from tests.integration.test_serve import client
-
-    run_dir, port = mode_run[0], free_port()
-    serve.shutdown()  # an earlier test's Serve, if any (test_serve.py's ``served`` starts its own again)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app([run_dir], deployment={"ray_actor_options": {"num_cpus": 0.25}}), name="mode",
-                  route_prefix="/mode")
-        url = f"http://127.0.0.1:{port}/mode"
-        answer = client(url).completions.create(model=run_dir.name, prompt="What is 3 + 4?", max_tokens=6,
-                                                temperature=0).choices[0].text
-        model, tokenizer = load_composition(run_dir)
-        [local] = generate_batch(model, tokenizer, [GenerationRequest(tokenizer("What is 3 + 4?").input_ids,
-                                                                        max_tokens=6)])
-        assert answer == local.text
-        status, body = call(url, "/v1/completions", {"model": run_dir.name, "prompt": "1 + 1", "max_tokens": 2,
-                                                     "temperature": 0, "routing": True})
-        assert status == 200 and list(body["routing"][0]) == ["backbone", "math", "code"]
-    finally:
-        serve.shutdown()

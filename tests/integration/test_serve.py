@@ -220,3 +220,30 @@ def test_the_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_run, tmp_pat
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-2000:]
     assert "shutting down" in output
+
+
+def test_a_mode_run_is_served_like_any_other(served, mode_run):
+    """A MoDE composition as its own Serve application beside the others: the openai client's greedy
+    answer equals in-process generation, and the gates' routing (backbone first) comes back."""
+    from ray import serve
+
+    from modula_ray.compose import load_composition
+    from modula_ray.serve.app import build_app
+    from modula_ray.serve.generation import GenerationRequest, generate_batch
+
+    run_dir = mode_run[0]
+    serve.run(build_app([run_dir], deployment={"ray_actor_options": {"num_cpus": 0.25}}), name="mode",
+              route_prefix="/mode")
+    try:
+        url = served.url + "/mode"
+        answer = client(url).completions.create(model=run_dir.name, prompt="What is 3 + 4?", max_tokens=6,
+                                                temperature=0).choices[0].text
+        model, tokenizer = load_composition(run_dir)
+        [local] = generate_batch(model, tokenizer, [GenerationRequest(tokenizer("What is 3 + 4?").input_ids,
+                                                                        max_tokens=6)])
+        assert answer == local.text
+        status, body = call(url, "/v1/completions", {"model": run_dir.name, "prompt": "1 + 1", "max_tokens": 2,
+                                                     "temperature": 0, "routing": True})
+        assert status == 200 and list(body["routing"][0]) == ["backbone", "math", "code"]
+    finally:
+        serve.delete("mode")
