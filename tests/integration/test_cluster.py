@@ -47,8 +47,10 @@ def test_job_submit_runs_stage2_concurrently_on_two_nodes(local_cluster, tiny_da
               "--out", str(run_dir), "--set", "method=modula_flan", "--set", f"data.dir={tiny_data}",
               "--set", "stages.experts.domains.math.scaling.node_labels={pool: head}",
               "--set", "stages.experts.domains.code.scaling.node_labels={pool: worker}",
-              # long enough (about 5 s) that "trained at the same time" means something
+              # long enough (about 5 s) that "trained at the same time" means something; a checkpoint
+              # every 30 steps, not tiny.yaml's 4 (15 checkpoints made the 60 steps take 26 s, not 4-5)
               "--set", "stages.experts.steps=60", "--set", "stages.experts.log_every=20",
+              "--set", "stages.experts.checkpoint_every=30",
               # the supervised routing term, through Ray (flan: the general rows target the universal expert)
               "--set", "stages.router.route_loss_coef=0.5"]
     job = subprocess.run(submit, cwd=ROOT, env=local_cluster, capture_output=True, text=True, timeout=900)

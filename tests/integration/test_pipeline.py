@@ -234,17 +234,26 @@ def test_a_different_base_model_is_refused(tiny_run, tmp_path):
 
 
 def test_every_failed_stage2_group_is_reported(tiny_run, ray_local, tmp_path, monkeypatch):
+    """Both stage-2 groups crash after step 1 with ``max_failures=0`` (no retry): each group's failure
+    is named, with the worker's own cause and where its logs are, and the failed stage saves nothing."""
     run_dir = copy_run(tiny_run[0], tmp_path / "failing")
+    experts_before = digests(run_dir / "experts")
     crash(monkeypatch, "experts", 1)
     config = tiny_config("max_failures=0")
     with pytest.raises(StageFailedError, match="2 of 2 worker groups failed") as info:
         run_stage(config, run_dir, "experts", force=True)
     assert set(info.value.failures) == {"experts/math", "experts/code"}
     assert "experts/math:" in str(info.value) and "experts/code:" in str(info.value)
+    assert str(info.value).endswith(f"worker logs: {run_dir.resolve() / 'logs'}")
     for key, failure in info.value.failures.items():  # the worker's own failure (its process died), one line each
         assert f"\n  {key}: {failure.cause}\n" in str(info.value), str(info.value)
         assert re.match(r"\w+Error: \S", failure.cause) and "worker errors" not in failure.cause, failure.cause
         assert not failure.cause.startswith(("WorkerGroupError", "WorkerHealthCheckFailedError")), failure.cause
+        assert re.match(rf"stage {key} \(.+\) failed: .+; worker logs: ", str(failure)), str(failure)
+        # it died where it was told to, once (no retry: the marker would stop a second death)
+        assert (run_dir / f".crashed-{key.replace('/', '-')}-step1").exists()
+    assert digests(run_dir / "experts") == experts_before, "a failed stage saved a part"
+    assert not any(state["done"] for key, state in Manifest.read(run_dir)["stages"].items() if key.startswith("experts/"))
 
 
 def test_add_domain_keeps_existing_experts_byte_identical(added):
