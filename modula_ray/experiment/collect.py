@@ -67,15 +67,29 @@ def run_scores(run_dir: Path, tasks: list[str]) -> dict | None:
 def ledger_costs(run_dir: Path) -> dict:
     """``{event: train.ledger.event_cost}`` of the run's ledger, plus ``train_s_sum``: the
     worker-side seconds of its records added up (``train_s`` is the critical path, which on a
-    shared machine includes the waits between stages)."""
+    shared machine includes the waits between stages); ``worker_s_sum``: each record's ``train_s``
+    times its workers (worker-seconds in optimizer steps); ``thread_s_sum``: that times each
+    worker's torch threads (CPU-thread-seconds; 1 thread for records older than the field)."""
     from ..train.ledger import event_cost
 
     path = run_dir / "manifest.json"
     if not path.is_file():
         return {}
     ledger = read_json(path)["ledger"]
-    return {event: {**event_cost(ledger, event), "train_s_sum": sum(r["train_s"] for r in ledger if r["event"] == event)}
+    return {event: {**event_cost(ledger, event), "train_s_sum": sum(r["train_s"] for r in ledger if r["event"] == event),
+                    "worker_s_sum": sum(r["train_s"] * r.get("num_workers", 1) for r in ledger if r["event"] == event),
+                    "thread_s_sum": sum(r["train_s"] * r.get("num_workers", 1) * r.get("threads_per_worker", 1)
+                                        for r in ledger if r["event"] == event)}
             for event in dict.fromkeys(r["event"] for r in ledger)}
+
+
+def optimizer_thread_s(rows: dict) -> float:
+    """CPU-thread-seconds in optimizer steps over every run of the experiment, each fit counted once:
+    a trained run's every event, an added run's add-domain events only (it is a copy of the
+    trained run, whose ledger it carries). Tune trials keep no ledger and are not counted."""
+    return sum(cost.get("thread_s_sum", 0.0) for row in rows.values() for costs in row["costs"].values()
+               for event, cost in costs.items()
+               if row["kind"] == "trained" or (row["kind"] == "added" and event.startswith("add-domain:")))
 
 
 def gather(exp, out: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..evaluation.report import domain_avg
 from ..fileio import atomic_write_json, atomic_write_text, read_json
-from .collect import aggregate, gather, item_stderr, mean_std, task_domain
+from .collect import aggregate, gather, item_stderr, mean_std, optimizer_thread_s, task_domain
 from .figures import write_figures
 
 PAPER_ADD_FRACTION = {"modula_flan": 0.198, "modula_res": 0.373}
@@ -80,19 +80,23 @@ def cost_rows(data: dict, exp) -> tuple[list[str], dict]:
     """The cost table (training and add-domain), and its numbers for results.json."""
     added = f"add-domain:{exp.add_domain}" if exp.add_domain else None
     lines = ["| method | trainable params | tokens | params × tokens | TFLOP | train s (workers, summed) | "
-             "resource-s | first start to last end, s |", "|---|---|---|---|---|---|---|---|"]
+             "tokens/s per worker | resource-s | first start to last end, s |", "|---|---|---|---|---|---|---|---|---|"]
     numbers: dict = {}
     for method in exp.methods:
         costs = data["rows"][method]["costs"]
         cost = {k: mean_std([c["pipeline"][k] for c in costs.values() if "pipeline" in c])[0]
                 for k in ("trainable_params", "tokens", "params_x_tokens", "flops", "train_s_sum", "resource_s",
                           "fit_wall_s")}
+        per_seed = [c["pipeline"]["tokens"] / c["pipeline"]["worker_s_sum"] for c in costs.values()
+                    if c.get("pipeline", {}).get("worker_s_sum")]
+        cost["tokens_per_s_per_worker"] = mean_std(per_seed)[0]
         numbers[method] = {"train": cost}
         if cost["tokens"] is None:
             continue
+        speed = f"{cost['tokens_per_s_per_worker']:,.0f}" if cost["tokens_per_s_per_worker"] is not None else "—"
         lines.append(f"| {method} | {cost['trainable_params']:,.0f} | {cost['tokens']:,.0f} | "
                      f"{cost['params_x_tokens']:.3e} | {cost['flops'] / 1e12:.1f} | {cost['train_s_sum']:.0f} | "
-                     f"{cost['resource_s']:.0f} | {cost['fit_wall_s']:.0f} |")
+                     f"{speed} | {cost['resource_s']:.0f} | {cost['fit_wall_s']:.0f} |")
     if not added or not exp.add_cost_against:
         return lines, numbers
     against = exp.add_cost_against
@@ -120,6 +124,16 @@ def cost_rows(data: dict, exp) -> tuple[list[str], dict]:
                          _pct(*ratios[k]) + "%" if ratios[k][0] is not None else "—"
                          for k in ("params_x_tokens", "flops", "resource_s")) + f" | {paper} |")
     return lines, numbers
+
+
+def optimizer_share(rows: dict, span_s: float, cpus: int) -> dict | None:
+    """``{thread_s, span_s, cpus, share}``: the CPU-thread-seconds in optimizer steps over the
+    parts' span × the machine's CPUs (None before any part ran)."""
+    if span_s <= 0:
+        return None
+    thread_s = optimizer_thread_s(rows)
+    return {"thread_s": round(thread_s, 1), "span_s": round(span_s, 1), "cpus": cpus,
+            "share": round(thread_s / (span_s * cpus), 4)}
 
 
 def timing(records: dict) -> tuple[float, dict]:
@@ -210,10 +224,18 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
         parts.append("")
     cost_lines, cost_numbers = cost_rows(data, exp)
     parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training seconds are measured inside the "
-              "workers (first to last optimizer step of each worker group, added up); resource-s is those seconds × "
+              "workers (first to last optimizer step of each worker group, added up); tokens/s per worker is the "
+              "tokens over those seconds × workers; resource-s is those seconds × "
               "workers × CPUs requested; first start to last end is the wall time of the method's Ray Train fits, "
               "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "
               "carry its contention; params × tokens and FLOPs do not.", "", *cost_lines, ""]
+    optimizer = optimizer_share(rows, wall, _cpus())
+    if optimizer:
+        parts += [f"Optimizer steps took {optimizer['thread_s']:,.0f} CPU-thread-seconds (each fit's training "
+                  "window × its workers × their torch threads, every fit of every run once; Tune trials not counted): "
+                  f"{100 * optimizer['share']:.1f}% of the parts' span × the machine's CPUs "
+                  f"({wall:,.0f} s × {optimizer['cpus']}). The rest went to start-up, evaluation, judging, saving and "
+                  "waiting.", ""]
     parts += _tune_section(exp, rows, records, tasks)
     figures, cost_quality = write_figures(exp, out, data)
     parts += _routing_section(exp, rows)
@@ -224,7 +246,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
                                              "invocations": invocations, "task_s_by_kind": kinds,
                                              "tasks": tasks, "tasks_added": data["tasks_added"], "base": base,
                                              "base_added": data["base_added"], "rows": data["rows"],
-                                             "costs": cost_numbers, "verdicts": verdicts, "parts": records,
+                                             "costs": cost_numbers, "optimizer_share": optimizer,
+                                             "verdicts": verdicts, "parts": records,
                                              "cost_quality": [{"label": label, "resource_s": cost, "avg_pct": avg}
                                                               for label, cost, avg in cost_quality]})
     report = out / "report.md"

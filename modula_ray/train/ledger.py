@@ -17,6 +17,8 @@ Timing is measured where the work happens (DESIGN §7):
 ``train_s``                                the worker-side training window
 ``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with
                                            ``use_gpu``) each worker requested
+``threads_per_worker``                     the torch threads each worker computes on (its
+                                           ``torch_threads``, else its whole CPUs, at least 1)
 
 FLOPs per processed token, forward + backward: the forward costs ``2 N`` where N counts only
 the parameters that take part in the forward at this stage (frozen base included, inactive
@@ -68,6 +70,7 @@ def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, sp
             "train_s": round(train_s, 3), "startup_s": round(train_started - fit_started_at, 3),
             "startup_phases": startup_phases(metrics, fit_started_at),
             "num_workers": spec.num_workers, "resources_per_worker": requested, "resource_unit": unit,
+            "threads_per_worker": spec.torch_threads or max(1, int(requested.get("CPU", 1))),
             "resource_s": round(train_s * spec.num_workers * requested.get(unit, 0.0), 3),
             "tokens_per_s": round(metrics["tokens"] / max(train_s, 1e-9), 1),
             "peak_mem_mb": metrics["peak_mem_mb"], "first_loss": metrics.get("first_loss"),

@@ -36,6 +36,16 @@ def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment)
     res = results["rows"]["modula_res"]["seeds"]["0"]
     assert set(res["routing_accuracy"]) == {"math", "code"} and all(0 <= v <= 1 for v in res["routing_accuracy"].values())
     assert res["avg"] == pytest.approx((res["modula_math"] + res["modula_code"] + res["modula_humaneval"]) / 3)
+    # the optimizer share, against the manifests' ledgers read here: each trained run's every record, the
+    # add-domain records of the +finance copies; the tiny config runs 1 worker of 1 thread per group
+    ledgers = {name: json.loads((out / "seed0" / name / "manifest.json").read_text())["ledger"]
+               for name in ("molora", "modula_res", "molora+finance", "modula_res+finance")}
+    assert {r["threads_per_worker"] for ledger in ledgers.values() for r in ledger} == {1}
+    counted = [r for name, ledger in ledgers.items() for r in ledger if "+" not in name or r["event"] != "pipeline"]
+    share = results["optimizer_share"]
+    assert share["thread_s"] == pytest.approx(sum(r["train_s"] * r["num_workers"] for r in counted), abs=0.1)
+    assert share["share"] == pytest.approx(share["thread_s"] / (share["span_s"] * share["cpus"]), abs=1e-4)
+    assert 0 < share["share"] < 1 and f"Optimizer steps took {share['thread_s']:,.0f} CPU-thread-seconds" in report
 
 
 def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(experiment):

@@ -22,7 +22,7 @@ from tests.integration.test_eval import loss_of
 pytestmark = pytest.mark.slow
 LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens", "flops", "fit_started_at",
                "fit_ended_at", "train_started_at", "train_ended_at", "train_s", "startup_s", "resource_s",
-               "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes"}
+               "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes", "threads_per_worker"}
 # Final losses of the tiny config with CONCURRENT (random tiny Llama, seed 0); CPU-deterministic.
 # code and router moved at 0e962b8: the 2 code rows the right cut dropped are kept (their prompts cut).
 PINNED_LOSS = {"universal": 6.2056, "math": 5.6994, "code": 5.7708, "router": 5.9375}

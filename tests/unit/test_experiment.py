@@ -170,6 +170,10 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     assert any("molora against the base model: higher" in v for v in results["verdicts"])
     assert results["costs"]["modula_res"]["add"]["fraction_of_molora"]["params_x_tokens"] == pytest.approx(0.2)
     assert "| modula_res | 4.000e+04 |" in report and "| 20.0% |" in report and "| 37.3% |" in report
+    # 1,000 tokens in a 10 s window of 1 worker: 100 tokens/s per worker, beside train s, resource-s and wall
+    assert "| train s (workers, summed) | tokens/s per worker | resource-s |" in report
+    assert "| molora | 100 | 1,000 | 1.000e+05 | 0.0 | 10 | 100 | 10 | 15 |" in report
+    assert results["costs"]["molora"]["train"]["tokens_per_s_per_worker"] == pytest.approx(100.0)
     assert "| modula_res | 0.60 ± 0.10 | 0.40 |" in report  # routing accuracy per domain
     assert "62.5 ± 12.5 → 62.5 ± 12.5" in report  # old-domain Avg. before and after adding finance
     added = [v for v in results["verdicts"] if "+finance against" in v]
@@ -190,6 +194,28 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     assert [p["label"] for p in results["cost_quality"]] == ["molora +finance", "modula_res +finance",
                                                              "base model +finance"]
     assert "![routing, modula_res +finance seed 0](routing_modula_res.png)" in report
+
+
+def test_the_optimizer_share_counts_each_fit_once_with_its_workers_and_threads(tmp_path):
+    """A +finance run is a copy of its trained run: its pipeline records are the trained run's
+    and count once; its add-domain records count; workers and threads multiply the window."""
+    from modula_ray.experiment.collect import ledger_costs
+    from modula_ray.experiment.report import optimizer_share
+
+    two_workers = {**_record("pipeline", 100, 1000, resource_s=10.0), "num_workers": 2}  # 20 worker-s, 1 thread
+    two_threads = {**_record("add-domain:finance", 40, 500, resource_s=5.0), "threads_per_worker": 2}  # 10 thread-s
+    _run(tmp_path / "trained", domain={}, general=0.3, ledger=[two_workers])
+    _run(tmp_path / "added", domain={}, general=0.3, ledger=[two_workers, two_threads])
+    costs = {name: ledger_costs(tmp_path / name) for name in ("trained", "added")}
+    assert costs["trained"]["pipeline"]["worker_s_sum"] == 20.0 and costs["trained"]["pipeline"]["thread_s_sum"] == 20.0
+    assert costs["added"]["add-domain:finance"]["worker_s_sum"] == 5.0
+    assert costs["added"]["add-domain:finance"]["thread_s_sum"] == 10.0
+    rows = {"molora": {"kind": "trained", "costs": {0: costs["trained"]}},
+            "molora +finance": {"kind": "added", "costs": {0: costs["added"]}},
+            "molora (tuned router)": {"kind": "tuned", "costs": {0: costs["trained"]}}}  # a copy too: not counted
+    share = optimizer_share(rows, span_s=100.0, cpus=2)
+    assert share == {"thread_s": 30.0, "span_s": 100.0, "cpus": 2, "share": 0.15}
+    assert optimizer_share(rows, span_s=0.0, cpus=2) is None  # nothing ran yet
 
 
 def test_a_one_point_difference_on_eight_items_is_within_noise():
