@@ -79,14 +79,14 @@ class Noise:
 def cost_rows(data: dict, exp) -> tuple[list[str], dict]:
     """The cost table (training and add-domain), and its numbers for results.json."""
     added = f"add-domain:{exp.add_domain}" if exp.add_domain else None
-    lines = ["| method | trainable params | tokens | params × tokens | TFLOP | train s (workers, summed) | "
-             "tokens/s per worker | resource-s | first start to last end, s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | tokens | scored | params × tokens | TFLOP | train s (workers, summed) | "
+             "tokens/s per worker | resource-s | first start to last end, s |", "|---|---|---|---|---|---|---|---|---|---|"]
     numbers: dict = {}
     for method in exp.methods:
         costs = data["rows"][method]["costs"]
         cost = {k: mean_std([c["pipeline"][k] for c in costs.values() if "pipeline" in c])[0]
-                for k in ("trainable_params", "tokens", "params_x_tokens", "flops", "train_s_sum", "resource_s",
-                          "fit_wall_s")}
+                for k in ("trainable_params", "tokens", "scored_tokens", "params_x_tokens", "flops", "train_s_sum",
+                          "resource_s", "fit_wall_s")}
         per_seed = [c["pipeline"]["tokens"] / c["pipeline"]["worker_s_sum"] for c in costs.values()
                     if c.get("pipeline", {}).get("worker_s_sum")]
         cost["tokens_per_s_per_worker"] = mean_std(per_seed)[0]
@@ -94,7 +94,8 @@ def cost_rows(data: dict, exp) -> tuple[list[str], dict]:
         if cost["tokens"] is None:
             continue
         speed = f"{cost['tokens_per_s_per_worker']:,.0f}" if cost["tokens_per_s_per_worker"] is not None else "—"
-        lines.append(f"| {method} | {cost['trainable_params']:,.0f} | {cost['tokens']:,.0f} | "
+        scored = f"{100 * cost['scored_tokens'] / cost['tokens']:.0f}%" if cost["scored_tokens"] and cost["tokens"] else "—"
+        lines.append(f"| {method} | {cost['trainable_params']:,.0f} | {cost['tokens']:,.0f} | {scored} | "
                      f"{cost['params_x_tokens']:.3e} | {cost['flops'] / 1e12:.1f} | {cost['train_s_sum']:.0f} | "
                      f"{speed} | {cost['resource_s']:.0f} | {cost['fit_wall_s']:.0f} |")
     if not added or not exp.add_cost_against:
@@ -224,7 +225,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
         parts.append("")
     cost_lines, cost_numbers = cost_rows(data, exp)
     parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training seconds are measured inside the "
-              "workers (first to last optimizer step of each worker group, added up); tokens/s per worker is the "
+              "workers (first to last optimizer step of each worker group, added up); scored is the share of the "
+              "tokens that the loss scored (responses; the rest is prompt and chat template); tokens/s per worker is the "
               "tokens over those seconds × workers; resource-s is those seconds × "
               "workers × CPUs requested; first start to last end is the wall time of the method's Ray Train fits, "
               "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "

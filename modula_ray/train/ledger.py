@@ -17,6 +17,7 @@ Timing is measured where the work happens (DESIGN §7):
 ``train_s``                                the worker-side training window
 ``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with
                                            ``use_gpu``) each worker requested
+``scored_tokens``                          the tokens of ``tokens`` that the loss scored (responses)
 ``threads_per_worker``                     the torch threads each worker computes on (its
                                            ``torch_threads``, else its whole CPUs, at least 1)
 
@@ -60,7 +61,7 @@ def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, sp
     fit = metrics.get("route_init")
     return {"stage": stage, "domain": domain, "event": event, "run_name": run_name,
             "trainable_params": int(metrics["trainable_params"]), "forward_params": int(metrics["forward_params"]),
-            "tokens": int(metrics["tokens"]),
+            "tokens": int(metrics["tokens"]), "scored_tokens": int(metrics.get("response_tokens", 0)),
             "flops": training_flops(metrics["forward_params"], metrics["trainable_params"], metrics["tokens"])
             + (2 * int(metrics["forward_params"]) * fit["input_tokens"] if fit else 0),
             "route_init": fit,
@@ -87,6 +88,7 @@ def event_cost(ledger: list[dict], event: str) -> dict:
     return {"event": event, "records": len(records),
             "trainable_params": max(r["trainable_params"] for r in records),
             "tokens": sum(r["tokens"] for r in records),
+            "scored_tokens": sum(r.get("scored_tokens", 0) for r in records),
             "params_x_tokens": sum(r["trainable_params"] * r["tokens"] for r in records),
             "flops": sum(r["flops"] for r in records),
             "fit_wall_s": max(r["fit_ended_at"] for r in records) - min(r["fit_started_at"] for r in records),

@@ -22,10 +22,13 @@ from tests.integration.test_eval import loss_of
 pytestmark = pytest.mark.slow
 LEDGER_KEYS = {"stage", "domain", "trainable_params", "forward_params", "tokens", "flops", "fit_started_at",
                "fit_ended_at", "train_started_at", "train_ended_at", "train_s", "startup_s", "resource_s",
-               "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes", "threads_per_worker"}
+               "peak_mem_mb", "first_loss", "final_loss", "resumed_from_step", "engine", "nodes", "threads_per_worker",
+               "scored_tokens"}
 # Final losses of the tiny config with CONCURRENT (random tiny Llama, seed 0); CPU-deterministic.
 # code and router moved at 0e962b8: the 2 code rows the right cut dropped are kept (their prompts cut).
 PINNED_LOSS = {"universal": 6.2056, "math": 5.6994, "code": 5.7708, "router": 5.9375}
+# (scored, processed) tokens of the same runs: the data, tokenizer and batch schedule fix them (at b797dde)
+PINNED_TOKENS = {"universal": (792, 6095), "math": (4308, 57577), "code": (4402, 110781), "router": (366, 4916)}
 
 
 def test_manifest_records_every_part(tiny_run, tiny_data):
@@ -63,6 +66,8 @@ def test_ledger_has_a_record_per_stage_and_expert_and_stage2_overlaps(tiny_run):
         assert record["startup_s"] == pytest.approx(record["train_started_at"] - record["fit_started_at"], abs=2e-3)
         assert record["resource_s"] == pytest.approx(record["train_s"] * 1 * 0.5, abs=2e-3)  # 1 worker x 0.5 CPU
         assert record["resumed_from_step"] is None and record["engine"] == "torch" and record["peak_mem_mb"] > 0
+        assert record["threads_per_worker"] == 1  # 0.5 CPU: 1 torch thread
+        assert (record["scored_tokens"], record["tokens"]) == PINNED_TOKENS[record["domain"] or record["stage"]]
         phases = record["startup_phases"]  # where the start-up went, timed in the worker: it adds up
         assert min(phases.values()) >= 0 and phases["ray_s"] > phases["first_step_s"]
         assert sum(phases.values()) == pytest.approx(record["startup_s"], abs=5e-3)

@@ -132,7 +132,8 @@ def _run(folder: Path, *, domain: dict, general: float, ledger: list[dict], rout
 
 
 def _record(event, params, tokens, resource_s=10.0):
-    return {"event": event, "stage": "joint", "trainable_params": params, "tokens": tokens, "flops": 6 * params * tokens,
+    return {"event": event, "stage": "joint", "trainable_params": params, "tokens": tokens, "scored_tokens": tokens // 4,
+            "flops": 6 * params * tokens,
             "train_started_at": 0.0, "train_ended_at": resource_s, "train_s": resource_s, "fit_started_at": 0.0,
             "fit_ended_at": resource_s + 5,
             "startup_s": 5.0, "resource_s": resource_s}
@@ -172,7 +173,7 @@ def test_the_report_gives_mean_and_std_over_seeds_and_calls_small_differences_no
     assert "| modula_res | 4.000e+04 |" in report and "| 20.0% |" in report and "| 37.3% |" in report
     # 1,000 tokens in a 10 s window of 1 worker: 100 tokens/s per worker, beside train s, resource-s and wall
     assert "| train s (workers, summed) | tokens/s per worker | resource-s |" in report
-    assert "| molora | 100 | 1,000 | 1.000e+05 | 0.0 | 10 | 100 | 10 | 15 |" in report
+    assert "| molora | 100 | 1,000 | 25% | 1.000e+05 | 0.0 | 10 | 100 | 10 | 15 |" in report  # 250 of 1,000 scored
     assert results["costs"]["molora"]["train"]["tokens_per_s_per_worker"] == pytest.approx(100.0)
     assert "| modula_res | 0.60 ± 0.10 | 0.40 |" in report  # routing accuracy per domain
     assert "62.5 ± 12.5 → 62.5 ± 12.5" in report  # old-domain Avg. before and after adding finance
