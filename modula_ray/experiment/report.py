@@ -132,9 +132,8 @@ def optimizer_share(rows: dict, span_s: float, cpus: int) -> dict | None:
     parts' span × the machine's CPUs (None before any part ran)."""
     if span_s <= 0:
         return None
-    thread_s = optimizer_thread_s(rows)
-    return {"thread_s": round(thread_s, 1), "span_s": round(span_s, 1), "cpus": cpus,
-            "share": round(thread_s / (span_s * cpus), 4)}
+    thread_s, span_s = round(optimizer_thread_s(rows), 3), round(span_s, 3)  # share: from what is stored
+    return {"thread_s": thread_s, "span_s": span_s, "cpus": cpus, "share": round(thread_s / (span_s * cpus), 4)}
 
 
 def timing(records: dict) -> tuple[float, dict]:
