@@ -13,29 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ..experts.inject import forced_expert
 from ..fileio import atomic_write_json
+from .heldout import item_losses
 
 RESULT_FILE = "specialisation.json"
 
 
 def response_nll_per_byte(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> float:
     """``sum -log p(response | prompt) / sum UTF-8 bytes of the responses`` over ``rows``."""
-    from ..data.formatting import IGNORE_INDEX, collate, encode_example
-
-    examples = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
-    nll = 0.0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            labels = batch["labels"][:, 1:]
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-    return nll / max(1, sum(len(r["response"].encode("utf-8")) for r in rows))
+    nll, nbytes = item_losses(model, tokenizer, rows, max_length, batch_size)
+    return sum(nll) / sum(nbytes)
 
 
 def specialisation_matrix(run_dir, *, split: str = "test", rows: int = 32, composition=None) -> dict:

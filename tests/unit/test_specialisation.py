@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from modula_ray.data.formatting import encode_example
+from modula_ray.evaluation.heldout import item_losses
 from modula_ray.evaluation.specialisation import forced_expert, response_nll_per_byte
 from modula_ray.experts import reference_forward
 from modula_ray.experts.reference import Terms
@@ -31,17 +32,33 @@ def test_a_forced_expert_is_the_mixture_with_a_one_hot_gate(method, routed, monk
     assert torch.equal(model(x), mixed)  # the routers are back
 
 
+def plain_nll(model, tokenizer, row, max_length):
+    """-log p(response tokens | prompt) from a full forward of one row, logits at every position."""
+    example = encode_example(tokenizer, row["prompt"], row["response"], max_length)
+    ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    scored = labels[1:] != -100
+    return -float(logp[scored].gather(1, labels[1:][scored][:, None]).sum())
+
+
+def test_held_out_losses_item_by_item_equal_full_forwards():
+    """Logits kept only where a response token is predicted, rows of different lengths batched:
+    each item's nll equals its own full forward; a response cut by max_length counts the bytes kept."""
+    model, tokenizer = tiny_model()
+    rows = [{"prompt": "what is 2 + 2?", "response": "4"},
+            {"prompt": "name a fruit and say why it is good to eat every day", "response": "an apple"},
+            {"prompt": "count", "response": "one two three four five six seven eight nine ten " * 4}]
+    nll, nbytes = item_losses(model, tokenizer, rows, 48, batch_size=3)
+    assert nll == pytest.approx([plain_nll(model, tokenizer, row, 48) for row in rows], rel=1e-5)
+    assert nbytes[:2] == [1, len(b"an apple")]
+    example = encode_example(tokenizer, rows[2]["prompt"], rows[2]["response"], 48)
+    assert example.response_cut > 0 and 0 < nbytes[2] < len(rows[2]["response"].encode())
+
+
 def test_the_held_out_loss_is_nats_per_response_byte():
     model, tokenizer = tiny_model()
     rows = [{"prompt": "what is 2 + 2?", "response": "4"}, {"prompt": "name a fruit", "response": "an apple"}]
-    total = 0.0
-    for row in rows:
-        example = encode_example(tokenizer, row["prompt"], row["response"], 512)
-        ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-        scored = labels[1:] != -100
-        total -= float(logp[scored].gather(1, labels[1:][scored][:, None]).sum())
-    expected = total / len("4an apple".encode())
+    expected = sum(plain_nll(model, tokenizer, row, 512) for row in rows) / len("4an apple".encode())
     assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=1) == pytest.approx(expected, rel=1e-5)
     assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=2) == pytest.approx(expected, rel=1e-5)
