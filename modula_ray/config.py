@@ -219,6 +219,7 @@ class StageConfig:
     route_loss_coef: float = 0.0             # supervised routing: -log P(row's own expert), router stages (objective.py)
     route_init_rows: int = 0                 # router stages: first fit the routers to N rows per domain (router_fit.py)
     log_every: int = 5
+    validate_rows: int = 0                   # at every log: val loss on N val rows per domain (the curves; 0: none)
     checkpoint_every: int = 10
     data_weights: dict[str, float] | None = None  # domain mix; None = as built
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
@@ -230,7 +231,8 @@ class StageConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for name in ("weight_decay", "aux_loss_coef", "route_loss_coef", "route_init_rows", "warmup_steps"):
+        for name in ("weight_decay", "aux_loss_coef", "route_loss_coef", "route_init_rows", "warmup_steps",
+                     "validate_rows"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         if self.deepspeed is not None:
             require(self.deepspeed.get("zero_stage", 2) in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0-3")

@@ -13,16 +13,21 @@ template, loss on the response). Called with the model, one forward per row, it 
 ``load_balance``                the routers' Switch load-balance loss (``n sum_i f_i P_i``, 1 =
                                 balanced), averaged over the forwards
 
+With ``own_expert`` (stage 2's validation curves, ``stages.experts.validate_rows``), each
+domain's rows go through its own expert alone (``forced_expert``), and only ``val_loss`` counts.
+
 The training loop builds it from ``StageTask.validator`` (this module does not import Ray).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..experts.inject import forced_expert
 from .routing import captured_gates, own_expert_hits
 
 METRICS = {"val_loss": "min", "routing_accuracy": "max", "load_balance": "min"}
-VALIDATOR = "modula_ray.evaluation.validation:RouterValidation"
 
 
 class RouterValidation:
@@ -33,6 +38,7 @@ class RouterValidation:
         from ..data.schema import read_split
 
         split, rows = task.validator_args.get("split", "val"), task.validator_args.get("rows", 8)
+        self.own_expert = bool(task.validator_args.get("own_expert"))
         self.pad_id = tokenizer.pad_token_id
         self.examples = {}
         for domain in task.data_domains:
@@ -58,11 +64,15 @@ class RouterValidation:
             with torch.no_grad(), captured_gates(model) as gates:
                 for domain, examples in self.examples.items():
                     ce_sum = tokens = hits = pairs = 0
+                    forced = self.own_expert and domain in names
                     for example in examples:
                         gates.clear()
                         batch = {k: v.to(device) for k, v in collate([example], self.pad_id).items()}
-                        _, stats = causal_lm_loss(model, batch)
+                        with forced_expert(model, names.index(domain)) if forced else contextlib.nullcontext():
+                            _, stats = causal_lm_loss(model, batch)
                         ce_sum, tokens = ce_sum + stats["ce"] * stats["tokens"], tokens + stats["tokens"]
+                        if forced:
+                            continue
                         if gates:
                             balance.append(float(load_balancing_loss(model)))
                         if domain in names and gates:

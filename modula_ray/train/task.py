@@ -10,6 +10,7 @@ from ..compose import PartRef
 # Tests only: JSON that every task built while it is set carries as ``after_step`` (the task reaches the
 # Ray Train worker processes; the driver's environment does not)
 AFTER_STEP_ENV = "MODULA_RAY_AFTER_STEP"
+VALIDATOR = "modula_ray.evaluation.validation:RouterValidation"  # imported in the worker, by name
 
 
 @dataclass
@@ -95,5 +96,7 @@ class RunContext:
             max_length=config.data.max_length, pack=config.data.pack, seed=config.seed,
             data_weights=data_weights if data_weights is not None else stage_config.data_weights,
             load=list(load), save=list(save), after_step=json.loads(os.environ.get(AFTER_STEP_ENV) or "null"),
+            validator=VALIDATOR if stage_config.validate_rows else None,
+            validator_args={"split": "val", "rows": stage_config.validate_rows, "own_expert": stage == "experts"},
             metadata={"run_id": self.run_id, "stage": key, "base_model_sha256": self.base_sha256,
                       **(metadata or {})})

@@ -49,7 +49,7 @@ def router_trial(sample: dict, context: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..compose import PartRef
-    from ..evaluation.validation import VALIDATOR
+    from ..train.task import VALIDATOR
     from ..fileio import atomic_write_json
     from ..train.launcher import fit_task
     from ..train.stages import STAGE_TASKS
