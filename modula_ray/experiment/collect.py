@@ -47,12 +47,11 @@ def scores_of(suites: dict, tasks: list[str]) -> dict:
 
 
 def run_scores(run_dir: Path, tasks: list[str]) -> dict | None:
-    path = run_dir / "eval" / "results.json"
-    if not path.is_file():
+    path, routing = run_dir / "eval" / "results.json", run_dir / "eval" / "routing.json"
+    if not path.is_file() and not routing.is_file():
         return None
-    suites = read_json(path)["suites"]
+    suites = read_json(path)["suites"] if path.is_file() else {}  # no lm-eval suite: the routing alone
     scores = scores_of({name: entry["composition"] for name, entry in suites.items() if name != "judge"}, tasks)
-    routing = run_dir / "eval" / "routing.json"
     layers = read_json(routing).get("layers") if routing.is_file() else None
     if layers and layers.get("domains"):
         scores["routing_accuracy"] = {d: v["accuracy"] for d, v in layers["domains"].items()}

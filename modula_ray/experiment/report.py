@@ -20,7 +20,9 @@ from pathlib import Path
 from ..evaluation.report import domain_avg
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from .collect import aggregate, gather, item_stderr, mean_std, optimizer_thread_s, task_domain
+from .curves import CURVES_PLOT, HELDOUT_PLOT, curves_plot, experiment_curves, heldout_plot
 from .figures import write_figures
+from .heldout_report import heldout_sections
 
 PAPER_ADD_FRACTION = {"modula_flan": 0.198, "modula_res": 0.373}
 SHORT = {"modula_humaneval": "humaneval"}
@@ -163,16 +165,66 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
              f"Command: `{command or 'modula-ray experiment paper'}`. Seeds {seeds_done}; domains "
              f"{', '.join(exp.domains)}; {exp.steps_per_part} optimizer steps per part (every method gets "
              f"{len(exp.domains) + 2} × {exp.steps_per_part} steps of the same batch shape on the same data); "
-             f"lm-eval on the first {exp.eval.limit or 'all'} test items of each task, greedy. Machine: "
+             + (f"lm-eval on the first {exp.eval.limit or 'all'} test items of each task, greedy (its tables: mean ± "
+                "std over seeds, in %). " if exp.eval.suites else "no lm-eval suite (`eval.suites: []`). ")
+             + "Machine: "
              f"{platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}. Wall time: "
              + (f"{command_wall / 60:.1f} min over {len(invocations)} run(s) of the command; " if invocations else "")
              + f"parts' tasks: {', '.join(f'{k} {v / 60:.1f}' for k, v in sorted(kinds.items()))} task-minutes "
-             "(concurrent). Numbers are mean ± std over seeds, in %.", ""]
-    verdicts = (_verdicts(exp, rows, "trained", base, tasks, noise)
-                + _verdicts(exp, rows, "added", data["base_added"], data["tasks_added"], noise))
-    parts += ["## What the numbers say", "", "A difference counts only beyond twice its noise (the larger of the "
-              "seeds' and the test items' standard error); anything smaller is reported as within noise.", "",
-              *(verdicts or ["- nothing evaluated yet"]), ""]
+             "(concurrent).", ""]
+    heldout_lines, heldout = heldout_sections(exp, out)
+    parts += heldout_lines
+    verdicts = []
+    if exp.eval.suites:
+        parts += _lm_eval_tables(exp, data, noise, trained, verdicts)
+    cost_lines, cost_numbers = cost_rows(data, exp)
+    parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training seconds are measured inside the "
+              "workers (first to last optimizer step of each worker group, added up); scored is the share of the "
+              "tokens that the loss scored (responses; the rest is prompt and chat template); tokens/s per worker is the "
+              "tokens over those seconds × workers; resource-s is those seconds × "
+              "workers × CPUs requested; first start to last end is the wall time of the method's Ray Train fits, "
+              "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "
+              "carry its contention; params × tokens and FLOPs do not.", "", *cost_lines, ""]
+    optimizer = optimizer_share(rows, wall, _cpus())
+    if optimizer:
+        parts += [f"Optimizer steps took {optimizer['thread_s']:,.0f} CPU-thread-seconds (each fit's training "
+                  "window × its workers × their torch threads, every fit of every run once; Tune trials not counted): "
+                  f"{100 * optimizer['share']:.1f}% of the parts' span × the machine's CPUs "
+                  f"({wall:,.0f} s × {optimizer['cpus']}). The rest went to start-up, evaluation, judging, saving and "
+                  "waiting.", ""]
+    parts += _tune_section(exp, rows, records, tasks)
+    figures, cost_quality = write_figures(exp, out, data)
+    curves = experiment_curves(exp, out)
+    for name, path in (("held-out loss", heldout_plot(heldout.get("loss", {}), out / HELDOUT_PLOT)),
+                       ("validation loss curves", curves_plot(curves, out / CURVES_PLOT))):
+        if path:
+            figures[name] = path
+    parts += _routing_section(exp, rows)
+    parts += ["## Figures", "", *[f"![{name}]({path.name})" for name, path in figures.items()], ""]
+    atomic_write_json(out / "results.json", {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
+                                             "machine": {"platform": platform.platform(), "cpus": _cpus()},
+                                             "seeds": seeds_done, "wall_s": command_wall, "parts_span_s": wall,
+                                             "invocations": invocations, "task_s_by_kind": kinds,
+                                             "tasks": tasks, "tasks_added": data["tasks_added"], "base": base,
+                                             "base_added": data["base_added"], "rows": data["rows"],
+                                             "costs": cost_numbers, "optimizer_share": optimizer,
+                                             "heldout": heldout, "curves": curves,
+                                             "verdicts": verdicts, "parts": records,
+                                             "cost_quality": [{"label": label, "resource_s": cost, "avg_pct": avg}
+                                                              for label, cost, avg in cost_quality]})
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report
+
+
+def _lm_eval_tables(exp, data: dict, noise: "Noise", trained: list[str], verdicts: list[str]) -> list[str]:
+    """The verdicts (appended to ``verdicts``) and Tables 1, 3, 4 and 5, from lm-eval's suites."""
+    tasks, rows, base = data["tasks"], data["rows"], data["base"]
+    verdicts += (_verdicts(exp, rows, "trained", base, tasks, noise)
+                 + _verdicts(exp, rows, "added", data["base_added"], data["tasks_added"], noise))
+    parts = ["## What the lm-eval numbers say", "", "A difference counts only beyond twice its noise (the larger "
+             "of the seeds' and the test items' standard error); anything smaller is reported as within noise.", "",
+             *(verdicts or ["- nothing evaluated yet"]), ""]
     parts += ["## Table 1: domain tasks (%)", "", *_header(tasks)]
     if base:
         parts.append(_row_line("base model alone", base, tasks, single=True))
@@ -222,38 +274,7 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
             parts.append(f"| {label} | {_num(*totals, digits=2)} / {entries[0]['composition']['out_of']} | "
                          f"{_num(*base_totals, digits=2)} | {pair['a']} / {pair['b']} / {pair['tie']} | {pair['invalid']} |")
         parts.append("")
-    cost_lines, cost_numbers = cost_rows(data, exp)
-    parts += ["## Cost (from each run's ledger, mean over seeds)", "", "Training seconds are measured inside the "
-              "workers (first to last optimizer step of each worker group, added up); scored is the share of the "
-              "tokens that the loss scored (responses; the rest is prompt and chat template); tokens/s per worker is the "
-              "tokens over those seconds × workers; resource-s is those seconds × "
-              "workers × CPUs requested; first start to last end is the wall time of the method's Ray Train fits, "
-              "start-up, queueing behind other parts and saving included. The parts share the machine, so seconds "
-              "carry its contention; params × tokens and FLOPs do not.", "", *cost_lines, ""]
-    optimizer = optimizer_share(rows, wall, _cpus())
-    if optimizer:
-        parts += [f"Optimizer steps took {optimizer['thread_s']:,.0f} CPU-thread-seconds (each fit's training "
-                  "window × its workers × their torch threads, every fit of every run once; Tune trials not counted): "
-                  f"{100 * optimizer['share']:.1f}% of the parts' span × the machine's CPUs "
-                  f"({wall:,.0f} s × {optimizer['cpus']}). The rest went to start-up, evaluation, judging, saving and "
-                  "waiting.", ""]
-    parts += _tune_section(exp, rows, records, tasks)
-    figures, cost_quality = write_figures(exp, out, data)
-    parts += _routing_section(exp, rows)
-    parts += ["## Figures", "", *[f"![{name}]({path.name})" for name, path in figures.items()], ""]
-    atomic_write_json(out / "results.json", {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
-                                             "machine": {"platform": platform.platform(), "cpus": _cpus()},
-                                             "seeds": seeds_done, "wall_s": command_wall, "parts_span_s": wall,
-                                             "invocations": invocations, "task_s_by_kind": kinds,
-                                             "tasks": tasks, "tasks_added": data["tasks_added"], "base": base,
-                                             "base_added": data["base_added"], "rows": data["rows"],
-                                             "costs": cost_numbers, "optimizer_share": optimizer,
-                                             "verdicts": verdicts, "parts": records,
-                                             "cost_quality": [{"label": label, "resource_s": cost, "avg_pct": avg}
-                                                              for label, cost, avg in cost_quality]})
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(parts))
-    return report
+    return parts
 
 
 def _verdicts(exp, rows: dict, kind: str, base: dict | None, tasks: list[str], noise: Noise) -> list[str]:
@@ -317,17 +338,26 @@ def _tune_section(exp, rows: dict, records: dict, tasks: list[str]) -> list[str]
 
 
 def _routing_section(exp, rows: dict) -> list[str]:
-    """Routing accuracy on each of the experiment's domains, for every evaluated row with a router."""
+    """Routing accuracy on each of the experiment's domains, for every evaluated row with a router:
+    over every token of the validation prompts, and on the domain's own tokens (prompt body and
+    response) per token and per sequence (the argmax of the row's mean gate)."""
     routed = [label for label, row in rows.items() if any("routing_accuracy" in s for s in row["seeds"].values())]
     if not routed:
         return []
-    lines = ["## Routing (Figure 3)", "", "Routing accuracy: the share of (router, token) pairs whose largest gate "
-             "is the item's own domain expert, on validation prompts; chance is 1 / routed experts.", "",
-             "| model | " + " | ".join(exp.domains) + " |", "|---" * (len(exp.domains) + 1) + "|"]
+    domains = [*exp.domains, *([exp.add_domain] if exp.add_domain else [])]
+    measures = (("routing_accuracy", "prompt, every token"), ("routing_token_accuracy", "domain tokens, per token"),
+                ("routing_sequence_accuracy", "domain tokens, per sequence"))
+    lines = ["## Routing (Figure 3)", "", "The share of (router, token) pairs whose largest gate is the item's own "
+             "domain expert, on validation rows, mean ± std over seeds; per sequence: the share of rows whose mean "
+             "gate over their domain tokens is largest on their own expert. Chance is 1 / routed experts.", "",
+             "| model | measure | " + " | ".join(domains) + " |", "|---" * (len(domains) + 2) + "|"]
     for label in routed:
-        cells = [_num(*mean_std([s.get("routing_accuracy", {}).get(d) for s in rows[label]["seeds"].values()]),
-                      digits=2) for d in exp.domains]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for key, name in measures:
+            values = [s.get(key, {}) for s in rows[label]["seeds"].values()]
+            if not any(values):
+                continue
+            cells = [_num(*mean_std([v.get(d) for v in values]), digits=2) for d in domains]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -48,6 +48,63 @@ def test_every_part_runs_once_and_the_report_holds_the_papers_tables(experiment)
     assert 0 < share["share"] < 1 and f"Optimizer steps took {share['thread_s']:,.0f} CPU-thread-seconds" in report
 
 
+def test_held_out_losses_item_by_item_their_intervals_the_specialisation_and_the_curves(experiment):
+    """eval.heldout_rows 4: every model on the same test items, one run's item held to a full forward of
+    its composition; the report's paired intervals, interference and specialisation; every stage's
+    validation curve (validate_rows 2) back from TensorBoard."""
+    import torch
+
+    from modula_ray.compose import load_composition
+    from modula_ray.data.build import split_file
+    from modula_ray.data.formatting import encode_example
+    from modula_ray.data.schema import read_split
+
+    _, out, *_ = experiment
+    base = json.loads((out / "base" / "heldout.json").read_text())
+    assert set(base["domains"]) == {"math", "code", "finance", "general"}
+    runs = {name: json.loads((out / "seed0" / name / "eval" / "heldout.json").read_text())
+            for name in ("molora", "modula_res", "molora+finance", "modula_res+finance")}
+    assert set(runs["modula_res"]["domains"]) == {"math", "code", "general"}
+    assert set(runs["modula_res+finance"]["domains"]) == {"math", "code", "finance", "general"}
+    for held in runs.values():
+        for domain, entry in held["domains"].items():
+            assert entry["ids"] == base["domains"][domain]["ids"] and len(entry["ids"]) == 4
+            assert entry["bytes"] == base["domains"][domain]["bytes"]
+            assert entry["nll_per_byte"] == pytest.approx(sum(entry["nll"]) / sum(entry["bytes"]), rel=1e-4)
+    model, tokenizer = load_composition(out / "seed0" / "modula_res")
+    first = read_split(split_file(out / "data", "math", "test")).to_pylist()[0]
+    example = encode_example(tokenizer, first["prompt"], first["response"], runs["modula_res"]["max_length"])
+    ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels[1:])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    scored = labels != -100
+    plain = -float(logp[scored].gather(1, labels[scored][:, None]).sum())
+    assert runs["modula_res"]["domains"]["math"]["nll"][0] == pytest.approx(plain, rel=1e-4)
+
+    report = (out / "report.md").read_text()
+    for heading in ("Held-out response loss", "Differences the intervals resolve", "Interference: the old domains",
+                    "Specialisation: each routed expert alone"):
+        assert heading in report
+    held = json.loads((out / "results.json").read_text())["heldout"]
+    assert held["items_per_domain"] == 4 and held["resamples"] == 200
+    for label, losses in held["loss"].items():
+        for interval in losses.values():
+            assert interval["low"] <= interval["value"] <= interval["high"]
+    assert held["loss"]["base model alone"]["finance"]["value"] == pytest.approx(
+        base["domains"]["finance"]["nll_per_byte"], abs=1e-4)
+    assert set(held["vs_base"]) == {"molora", "modula_res", "molora +finance", "modula_res +finance"}
+    assert held["vs_compare"]["modula_res +finance"]["finance"]["against"] == "molora +finance"
+    interference = held["interference"]["modula_res"]
+    assert interference["value"] == pytest.approx(interference["after"] - interference["before"], abs=1e-4)
+    special = held["specialisation"]["modula_res"]
+    assert special["experts"] == ["math", "code"] and special["domains_with_expert"] == 2
+    curves = json.loads((out / "results.json").read_text())["curves"]
+    assert {"universal/val_loss", "experts/val_loss", "router/val_loss"} <= set(curves["modula_res"]["0"])
+    assert "joint/val_loss" in curves["molora"]["0"] and "joint/val_loss" in curves["molora +finance"]["0"]
+    for figure in ("heldout_loss.png", "val_loss_curves.png"):
+        assert (out / figure).stat().st_size > 1000 and f"]({figure})" in report
+
+
 def test_the_same_token_budget_and_the_add_domain_cost_against_a_molora_retrain(experiment):
     _, out, *_ = experiment
     ledger = {m: json.loads((out / "seed0" / m / "manifest.json").read_text())["ledger"] for m in ("molora", "modula_res")}
