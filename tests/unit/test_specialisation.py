@@ -62,3 +62,37 @@ def test_the_held_out_loss_is_nats_per_response_byte():
     expected = sum(plain_nll(model, tokenizer, row, 512) for row in rows) / len("4an apple".encode())
     assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=1) == pytest.approx(expected, rel=1e-5)
     assert response_nll_per_byte(model, tokenizer, rows, 512, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_stage_two_validation_puts_each_domain_through_its_own_expert(tmp_path, tiny_fresh):
+    """``validate_rows`` on the experts stage (``own_expert``): each domain's val loss is the forward with
+    every router forced onto that domain's expert, token-weighted over its rows; not the router's mix."""
+    from modula_ray.data.build import build_datasets, split_file
+    from modula_ray.data.formatting import collate, encode_rows
+    from modula_ray.data.schema import read_split
+    from modula_ray.evaluation.validation import RouterValidation
+    from modula_ray.experts import inject, set_stage
+    from modula_ray.objective import causal_lm_loss
+    from modula_ray.train.task import StageTask
+    from tests.helpers import randomise_experts
+
+    build_datasets("tiny", 0, tmp_path / "data", domains=["math", "code"], progress=False)
+    model, tokenizer = tiny_fresh
+    inject(model, "modula_res", ["math", "code"])
+    randomise_experts(model, scale=0.2)
+    set_stage(model, "joint")  # as stage 2 together builds it (train/loop.py)
+    task = lambda own: StageTask(key="experts", stage="experts", method="modula_res", domains=["math", "code"],  # noqa: E731
+                                 base_model="", experts={}, data_dir=str(tmp_path / "data"),
+                                 data_domains=["math", "code"], hparams={}, run_dir=str(tmp_path), max_length=512,
+                                 validator_args={"rows": 3, "own_expert": own})
+    forced, mixed = RouterValidation(tokenizer, task(True))(model), RouterValidation(tokenizer, task(False))(model)
+    for index, domain in enumerate(["math", "code"]):
+        rows = read_split(split_file(tmp_path / "data", domain, "val")).slice(0, 3).to_pylist()
+        ce = tokens = 0.0
+        with torch.no_grad(), forced_expert(model, index):
+            for example in encode_rows(rows, tokenizer, 512)[0]:
+                _, stats = causal_lm_loss(model, collate([example], tokenizer.pad_token_id))
+                ce, tokens = ce + stats["ce"] * stats["tokens"], tokens + stats["tokens"]
+        assert forced[f"val_loss/{domain}"] == pytest.approx(ce / tokens, rel=1e-5)
+        assert forced[f"val_loss/{domain}"] != pytest.approx(mixed[f"val_loss/{domain}"], rel=1e-4)
+    assert "routing_accuracy/math" not in forced and "routing_accuracy/math" in mixed
