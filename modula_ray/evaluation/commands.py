@@ -1,9 +1,10 @@
-"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite routing|specialisation|domain|general|judge|all[,...]``.
+"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite heldout|routing|specialisation|domain|general|judge|all[,...]``.
 
 With ``RAY_ADDRESS`` naming a cluster and several runs, each run is evaluated by its own Ray task
 (``modula_ray.cli``: this package stays Ray-free).
 
-``routing``: the mean gate per routed expert on each domain's prompts, and routing accuracy on
+``heldout``: the held-out response loss of each test row, nats and scored bytes
+(``RUN/eval/heldout.json``; what ``experiment paper`` bootstraps its intervals from). ``routing``: the mean gate per routed expert on each domain's prompts, and routing accuracy on
 domain tokens per token and per sequence (``RUN/eval/routing.json``). ``specialisation``: each
 routed expert alone (router bypassed) on each domain's held-out rows (``RUN/eval/specialisation.json``).
 ``domain`` / ``general``: the lm-eval suites (``run.suite_tasks()``) over each composition and its
@@ -21,8 +22,18 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-SUITES = ("routing", "specialisation", "domain", "general", "judge", "all")
-LOCAL = ("routing", "specialisation")  # computed here, not through lm-eval; no report of their own
+SUITES = ("heldout", "routing", "specialisation", "domain", "general", "judge", "all")
+LOCAL = ("heldout", "routing", "specialisation")  # computed here, not through lm-eval; no report of their own
+
+
+def _heldout(run_dir, args) -> None:
+    from .heldout import run_heldout, save_heldout
+
+    result = run_heldout(run_dir, rows=args.rows)
+    path = save_heldout(Path(run_dir) / "eval", result)
+    print(f"held-out response loss (nats per byte), first {args.rows} test rows per domain: "
+          + ", ".join(f"{d} {v['nll_per_byte']:.4f}" for d, v in result["domains"].items()))
+    print(f"saved {path}")
 
 
 def _routing(run_dir, args) -> None:
@@ -82,7 +93,7 @@ def evaluate_run(run_dir, args) -> None:
     suites = [*LOCAL, *tasks, "judge"] if "all" in args.suite else args.suite
     for suite in suites:
         if suite in LOCAL:
-            {"routing": _routing, "specialisation": _specialisation}[suite](run_dir, args)
+            {"heldout": _heldout, "routing": _routing, "specialisation": _specialisation}[suite](run_dir, args)
             continue
         if suite == "judge":
             from .judges.client import JudgeConfig
@@ -141,7 +152,8 @@ def cmd_eval(args) -> int:
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "eval", help="evaluate finished run folders",
-        description="Evaluate finished compositions. 'routing': the mean gate per routed expert on each "
+        description="Evaluate finished compositions. 'heldout': the held-out response loss of each test row "
+                    "(RUN/eval/heldout.json). 'routing': the mean gate per routed expert on each "
                     "domain's prompts, and routing accuracy on domain tokens (RUN/eval/routing.json). "
                     "'specialisation': each routed expert alone on each domain's held-out rows "
                     "(RUN/eval/specialisation.json). 'domain' and 'general': the lm-eval suites of "
@@ -160,7 +172,7 @@ def add_parser(commands) -> None:
                                                        "(default: FIRST_RUN/eval/side-by-side.md)")
     parser.add_argument("--split", choices=("train", "val", "test"), default="val",
                         help="routing: which split's prompts (default: val)")
-    parser.add_argument("--rows", type=int, default=8, help="routing, specialisation: rows per domain (default: 8)")
+    parser.add_argument("--rows", type=int, default=8, help="heldout, routing, specialisation: rows per domain (default: 8)")
     parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
     parser.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible base URL (else "
                                                           "MODULA_RAY_JUDGE_URL, else http://127.0.0.1:8000/v1); "

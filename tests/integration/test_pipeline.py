@@ -165,9 +165,9 @@ def test_eval_routing_prints_and_saves_the_table(tiny_run, capsys):
 
 
 def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
-    """``--suite routing,specialisation`` held to plain references: full forwards of prompt and
+    """``--suite heldout,routing,specialisation`` held to plain references: full forwards of prompt and
     response (every position's logits) for the domain-token measures, and the held-out loss per
-    byte with and without an expert forced."""
+    byte with and without an expert forced (item by item, the same as the mixture's)."""
     from modula_ray.cli import main
     from modula_ray.data.build import split_file
     from modula_ray.data.formatting import encode_example, shared_head_length
@@ -176,8 +176,10 @@ def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
     from modula_ray.evaluation.specialisation import forced_expert, response_nll_per_byte
 
     run_dir, _ = tiny_run
-    assert main(["eval", str(run_dir), "--suite", "routing,specialisation", "--rows", "4"]) == 0
+    assert main(["eval", str(run_dir), "--suite", "heldout,routing,specialisation", "--rows", "4"]) == 0
     on_tokens = json.loads((run_dir / "eval" / "routing.json").read_text())["layers"]["domain_tokens"]
+    heldout = json.loads((run_dir / "eval" / "heldout.json").read_text())["domains"]
+    assert set(heldout) == {"math", "code", "general"} and all(len(v["nll"]) == 4 for v in heldout.values())
     special = json.loads((run_dir / "eval" / "specialisation.json").read_text())
     assert set(on_tokens) == {"math", "code"} and special["experts"] == ["math", "code"]
     assert special["domains"] == ["math", "code", "general"] and set(special["own_is_best"]) == {"math", "code"}
@@ -199,6 +201,7 @@ def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
         held_out = split(domain, "test")
         assert special["mixture"][domain] == pytest.approx(response_nll_per_byte(model, tokenizer, held_out, 512),
                                                            rel=1e-5)
+        assert heldout[domain]["nll_per_byte"] == pytest.approx(special["mixture"][domain], rel=1e-5)
         with forced_expert(model, index):
             alone = response_nll_per_byte(model, tokenizer, held_out, 512)
         assert special["loss"][domain][domain] == pytest.approx(alone, rel=1e-5) != special["mixture"][domain]
