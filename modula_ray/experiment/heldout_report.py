@@ -78,10 +78,10 @@ def _loss_lines(exp, runs: dict, pooled: dict, base) -> tuple[list[str], dict]:
               "|---|---|---|---|---|"]
     compare = exp.compare_to
     for label, row in pooled.items():
-        kind, method = runs[label]["kind"], runs[label]["method"]
+        kind = runs[label]["kind"]
         scopes = [("old", old)] + ([(exp.add_domain, [exp.add_domain])] if kind == "added" else [])
         others = [("base model alone", base)] if base else []
-        if compare and method != compare:
+        if compare and compare != runs[label]["method"]:
             other = compare if kind == "trained" else f"{compare} +{exp.add_domain}"
             others.append((other, pooled.get(other)))
         for other_label, other in others:
