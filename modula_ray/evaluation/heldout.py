@@ -75,16 +75,15 @@ def heldout_losses(model, tokenizer, data_dir, domains: list[str], *, rows: int,
     return out
 
 
-def run_heldout(run_dir, *, rows: int, composition=None, domains: list[str] | None = None) -> dict:
-    """The held-out losses of a finished run: its composition's domains, the general domain and
-    ``domains`` (e.g. a domain added later, so before and after share items)."""
+def run_heldout(run_dir, *, rows: int, composition=None) -> dict:
+    """The held-out losses of a finished run: its composition's domains and the general domain."""
     from ..compose import RUN_CONFIG, Manifest, load_composition
     from ..config import PipelineConfig, load_config
 
     manifest = Manifest.read(run_dir)
     data = load_config(PipelineConfig, Path(run_dir) / RUN_CONFIG).data
     model, tokenizer = composition or load_composition(run_dir)
-    names = list(dict.fromkeys([*manifest["domains"], *(domains or []), data.general_domain]))
+    names = [*manifest["domains"], data.general_domain]
     return heldout_losses(model, tokenizer, manifest["data"]["dir"], names, rows=rows, max_length=data.max_length)
 
 

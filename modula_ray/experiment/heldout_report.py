@@ -109,10 +109,9 @@ def _interference_lines(exp, runs, pooled, old, boot: Bootstrap, numbers: dict) 
         if not before or not after or not all(d in before and d in after for d in old):
             continue
         diff: Interval = boot.difference(after, before, old)
-        numbers["interference"][method] = {"before": boot.loss(before, old).value, "after": boot.loss(after, old).value,
-                                           **diff.to_dict(), "verdict": diff.verdict()}
-        lines.append(f"| {method} | {boot.loss(before, old).value:.3f} | {boot.loss(after, old).value:.3f} | "
-                     f"{diff.cell(4, signed=True)} | {diff.verdict()} |")
+        was, now = boot.loss(before, old).value, boot.loss(after, old).value
+        numbers["interference"][method] = {"before": was, "after": now, **diff.to_dict(), "verdict": diff.verdict()}
+        lines.append(f"| {method} | {was:.3f} | {now:.3f} | {diff.cell(4, signed=True)} | {diff.verdict()} |")
     return lines
 
 
