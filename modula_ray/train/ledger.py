@@ -14,6 +14,7 @@ Timing is measured where the work happens (DESIGN §7):
                                            ``imports_s`` the loop's imports (torch, ours),
                                            ``setup_s`` model build and load, rows read and tokenised,
                                            engine, resume; the rest to the first step is ``first_step_s``
+``worker_started_at``                      the worker importing the training loop (its process is live)
 ``train_s``                                the worker-side training window
 ``resource_s``                             ``train_s x num_workers x`` the CPUs (or GPUs, with
                                            ``use_gpu``) each worker requested
@@ -70,6 +71,8 @@ def make_record(*, stage: str, domain: str | None, event: str, metrics: dict, sp
             "train_started_at": round(train_started, 3), "train_ended_at": round(train_ended, 3),
             "train_s": round(train_s, 3), "startup_s": round(train_started - fit_started_at, 3),
             "startup_phases": startup_phases(metrics, fit_started_at),
+            "worker_started_at": (round(metrics["startup_phases"]["loading_at"], 3)
+                                  if metrics.get("startup_phases") else None),
             "num_workers": spec.num_workers, "resources_per_worker": requested, "resource_unit": unit,
             "threads_per_worker": spec.torch_threads or max(1, int(requested.get("CPU", 1))),
             "resource_s": round(train_s * spec.num_workers * requested.get(unit, 0.0), 3),
@@ -97,9 +100,11 @@ def event_cost(ledger: list[dict], event: str) -> dict:
             "resource_s": sum(r["resource_s"] for r in records)}
 
 
-def overlaps(a: dict, b: dict) -> bool:
-    """Did the two records' worker-side training windows overlap in time?"""
-    return a["train_started_at"] < b["train_ended_at"] and b["train_started_at"] < a["train_ended_at"]
+def overlaps(a: dict, b: dict, since: str = "train_started_at") -> bool:
+    """Did the two records' worker-side windows overlap in time? A window ends at the last optimizer
+    step; it starts at the first (``train_started_at``, the training windows) or, with
+    ``since="worker_started_at"``, when the worker began importing the loop (the worker groups' lives)."""
+    return a[since] < b["train_ended_at"] and b[since] < a["train_ended_at"]
 
 
 def format_ledger(ledger: list[dict]) -> str:

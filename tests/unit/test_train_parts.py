@@ -124,6 +124,10 @@ def test_flops_and_cost_comparison():
     assert not overlaps(ledger[0], ledger[1])
     assert overlaps(ledger[0], {"train_started_at": 3.0, "train_ended_at": 5.0})
     assert not overlaps(ledger[0], {"fit_started_at": 0.0, "train_started_at": 4.5, "train_ended_at": 9.0})
+    # or by the workers' lives: a group still loading while the other trains
+    loading = {"worker_started_at": 3.5, "train_started_at": 4.5, "train_ended_at": 9.0}
+    assert overlaps({**ledger[0], "worker_started_at": 1.0}, loading, since="worker_started_at")
+    assert not overlaps(ledger[0], loading)
 
 
 def test_record_counts_resource_seconds_from_the_request():
