@@ -7,6 +7,7 @@ universal path plus domain expert i; flan: expert i alone). For each domain with
 each expert, the held-out response loss is ``sum -log p(response tokens | chat-formatted prompt)
 / UTF-8 bytes of the responses`` (the end-of-turn token included), next to the mixture's own
 (the router at work). A working stage 2 gives each domain its own expert as its row minimum.
+Each item's nll is kept (``items``), so the report can put a paired interval on the margin.
 Written to ``RUN_DIR/eval/specialisation.json``.
 """
 from __future__ import annotations
@@ -44,18 +45,27 @@ def specialisation_matrix(run_dir, *, split: str = "test", rows: int = 32, compo
     domains = [d for d in list(manifest["domains"]) + [data.general_domain] if d in built]
     names = spec_of(model).routed_names()
     targets = method_class(manifest["method"]).route_labels(list(manifest["domains"]), domains)
-    loss, mixture = {}, {}
+    loss, mixture, items = {}, {}, {}
     for domain in domains:
-        table = read_split(split_file(manifest["data"]["dir"], domain, split)).select(["prompt", "response"])
-        held_out = table.to_pylist()[:rows]
-        mixture[domain] = response_nll_per_byte(model, tokenizer, held_out, data.max_length)
+        table = read_split(split_file(manifest["data"]["dir"], domain, split)).select(["id", "prompt", "response"])
+        held_out = table.slice(0, rows).to_pylist()
+        nll, nbytes = item_losses(model, tokenizer, held_out, data.max_length)
+        mixture[domain] = sum(nll) / sum(nbytes)
+        items[domain] = {"ids": [r["id"] for r in held_out], "bytes": nbytes, "mixture": _rounded(nll), "nll": {}}
         loss[domain] = {}
         for index, expert in enumerate(names):
             with forced_expert(model, index):
-                loss[domain][expert] = response_nll_per_byte(model, tokenizer, held_out, data.max_length)
+                nll, _ = item_losses(model, tokenizer, held_out, data.max_length)
+            loss[domain][expert] = sum(nll) / sum(nbytes)
+            items[domain]["nll"][expert] = _rounded(nll)
     own = {d: min(loss[d], key=loss[d].get) == names[targets[d]] for d in domains if d in targets}
     return {"experts": names, "domains": domains, "split": split, "rows": rows, "loss": loss, "mixture": mixture,
-            "own_is_best": own}
+            "own_is_best": own, "own_expert": {d: names[targets[d]] for d in domains if d in targets},
+            "items": items}
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 5) for v in values]
 
 
 def format_specialisation(result: dict) -> str:

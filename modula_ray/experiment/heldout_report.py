@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import read_json
-from .intervals import Bootstrap, Interval, pool_seeds, seed_losses
+import numpy as np
+
+from .intervals import Bootstrap, Interval, Items, pool_seeds, seed_losses
 
 
 def _runs(exp, out: Path) -> dict[str, dict]:
@@ -40,7 +42,7 @@ def heldout_sections(exp, out: Path) -> tuple[list[str], dict]:
     lines, numbers = [], {}
     if pooled or base:
         lines, numbers = _loss_lines(exp, runs, pooled, base)
-    special_lines, numbers["specialisation"] = _specialisation_lines(runs)
+    special_lines, numbers["specialisation"] = _specialisation_lines(runs, Bootstrap(exp.eval.bootstrap))
     return lines + special_lines, numbers
 
 
@@ -115,8 +117,9 @@ def _interference_lines(exp, runs, pooled, old, boot: Bootstrap, numbers: dict) 
     return lines
 
 
-def _specialisation_lines(runs: dict) -> tuple[list[str], dict]:
-    """Each routed expert forced alone on each domain's items, averaged over seeds; ``*`` marks a row's minimum."""
+def _specialisation_lines(runs: dict, boot: Bootstrap) -> tuple[list[str], dict]:
+    """Each routed expert forced alone on each domain's items, averaged over seeds; ``*`` marks a row's minimum.
+    The margin of a domain is its own expert's loss minus the best other expert's, paired on the items."""
     lines, numbers = [], {}
     for label, row in runs.items():
         results = [r for r in row["specialisation"].values() if r]
@@ -126,18 +129,47 @@ def _specialisation_lines(runs: dict) -> tuple[list[str], dict]:
         mean = {d: {e: sum(r["loss"][d][e] for r in results) / len(results) for e in experts} for d in domains}
         own = {seed: sum(r["own_is_best"].values()) for seed, r in row["specialisation"].items() if r}
         scored = len(results[0]["own_is_best"])
+        margins = _margins(results, mean, boot)
         numbers[label] = {"experts": experts, "loss": mean, "own_is_best_by_seed": own, "domains_with_expert": scored,
-                          "rows": results[0]["rows"]}
+                          "rows": results[0]["rows"], "margin": margins}
         if not lines:
             lines = ["## Specialisation: each routed expert alone (router bypassed)", "",
                      f"Held-out loss (nats per byte) on the first {results[0]['rows']} test items of each domain "
                      "(rows) with all of every router's weight on one expert (columns), the mean over seeds; * marks "
-                     "each row's minimum. A working stage 2 puts each domain's minimum on its own expert.", ""]
+                     "each row's minimum. A working stage 2 puts each domain's minimum on its own expert. The margin "
+                     "is the own expert's loss minus the best other expert's, with its paired 95% bootstrap interval "
+                     "over the items: negative and resolved means the own expert is the row minimum beyond noise.", ""]
         lines += [f"**{label}**: own expert best for " + ", ".join(f"{n} of {scored} (seed {s})" for s, n in own.items()),
-                  "", "| items from | " + " | ".join(experts) + " |", "|---" * (len(experts) + 1) + "|"]
+                  "", "| items from | " + " | ".join(experts) + " | margin [95% interval] | verdict |",
+                  "|---" * (len(experts) + 3) + "|"]
         for domain, losses in mean.items():
             best = min(losses, key=losses.get)
+            margin = margins.get(domain)
+            tail = (f" | {margin['against']}: {Interval(margin['value'], margin['low'], margin['high']).cell(3, True)}"
+                    f" | {margin['verdict']} |") if margin else " | — | — |"
             lines.append(f"| {domain} | " + " | ".join(f"{v:.3f}{'*' if e == best else ''}" for e, v in losses.items())
-                         + " |")
+                         + tail)
         lines.append("")
     return lines, numbers
+
+
+def _margins(results: list[dict], mean: dict, boot: Bootstrap) -> dict:
+    """``{domain: {"against", "value", "low", "high", "verdict"}}`` where every seed kept its items."""
+    if not all("items" in r and "own_expert" in r for r in results):
+        return {}
+    out = {}
+    for domain, own in results[0]["own_expert"].items():
+        ids = results[0]["items"][domain]["ids"]
+        if any(r["items"][domain]["ids"] != ids for r in results):
+            raise ValueError(f"specialisation items of {domain!r} differ between seeds")
+        other = min((e for e in mean[domain] if e != own), key=mean[domain].get)
+
+        def pooled(expert: str) -> dict[str, Items]:
+            nll = np.mean([np.asarray(r["items"][domain]["nll"][expert], float) for r in results], axis=0)
+            return {f"specialisation/{domain}": Items(tuple(ids), nll,
+                                                      np.asarray(results[0]["items"][domain]["bytes"], float),
+                                                      len(results))}
+
+        diff = boot.difference(pooled(own), pooled(other), [f"specialisation/{domain}"])
+        out[domain] = {"own": own, "against": other, **diff.to_dict(), "verdict": diff.verdict()}
+    return out

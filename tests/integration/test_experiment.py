@@ -98,6 +98,13 @@ def test_held_out_losses_item_by_item_their_intervals_the_specialisation_and_the
     assert interference["value"] == pytest.approx(interference["after"] - interference["before"], abs=1e-4)
     special = held["specialisation"]["modula_res"]
     assert special["experts"] == ["math", "code"] and special["domains_with_expert"] == 2
+    for domain, margin in special["margin"].items():  # own expert minus the other, paired on the items
+        other = "code" if domain == "math" else "math"
+        assert (margin["own"], margin["against"]) == (domain, other)
+        assert margin["value"] == pytest.approx(special["loss"][domain][domain] - special["loss"][domain][other],
+                                                abs=1e-4)
+        assert margin["low"] <= margin["value"] <= margin["high"]
+    assert set(special["margin"]) == {"math", "code"} and "| margin [95% interval] |" in report
     curves = json.loads((out / "results.json").read_text())["curves"]
     assert {"universal/val_loss", "experts/val_loss", "router/val_loss"} <= set(curves["modula_res"]["0"])
     assert "joint/val_loss" in curves["molora"]["0"] and "joint/val_loss" in curves["molora +finance"]["0"]

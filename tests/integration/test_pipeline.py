@@ -205,6 +205,10 @@ def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
         with forced_expert(model, index):
             alone = response_nll_per_byte(model, tokenizer, held_out, 512)
         assert special["loss"][domain][domain] == pytest.approx(alone, rel=1e-5) != special["mixture"][domain]
+        items = special["items"][domain]  # what the report's margin intervals resample
+        assert special["own_expert"][domain] == domain and len(items["ids"]) == 4
+        assert sum(items["nll"][domain]) / sum(items["bytes"]) == pytest.approx(alone, rel=1e-4)
+        assert sum(items["mixture"]) / sum(items["bytes"]) == pytest.approx(special["mixture"][domain], rel=1e-4)
 
 
 def test_rerun_does_nothing_unless_forced(tiny_run):
