@@ -139,10 +139,14 @@ def optimizer_share(rows: dict, span_s: float, cpus: int) -> dict | None:
 
 
 def timing(records: dict) -> tuple[float, dict]:
-    """Wall time of the whole experiment (first part start to last end) and per kind of part."""
+    """The time some part was running (the union of the parts' intervals: a gap between two runs of
+    the command, when nothing ran, does not count) and the task-seconds per kind of part."""
     if not records:
         return 0.0, {}
-    wall = max(r["ended_at"] for r in records.values()) - min(r["started_at"] for r in records.values())
+    wall, end = 0.0, float("-inf")
+    for start, stop in sorted((r["started_at"], r["ended_at"]) for r in records.values()):
+        wall += max(0.0, stop - max(start, end))
+        end = max(end, stop)
     kinds: dict[str, float] = {}
     for record in records.values():
         kinds[record["kind"]] = kinds.get(record["kind"], 0.0) + record["wall_s"]
@@ -189,7 +193,7 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
     if optimizer:
         parts += [f"Optimizer steps took {optimizer['thread_s']:,.0f} CPU-thread-seconds (each fit's training "
                   "window × its workers × their torch threads, every fit of every run once; Tune trials not counted): "
-                  f"{100 * optimizer['share']:.1f}% of the parts' span × the machine's CPUs "
+                  f"{100 * optimizer['share']:.1f}% of the time parts ran × the machine's CPUs "
                   f"({wall:,.0f} s × {optimizer['cpus']}). The rest went to start-up, evaluation, judging, saving and "
                   "waiting.", ""]
     parts += _tune_section(exp, rows, records, tasks)

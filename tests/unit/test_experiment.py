@@ -266,3 +266,12 @@ def test_the_tours_figures_show_its_runs_evaluated_only_after_adding_finance(tmp
                      ("base model +finance", 0.0, 10.0)]
     assert list(figures) == ["after adding finance", "cost against quality", "routing, modula_res +finance seed 0"]
     assert all(path.stat().st_size > 1000 for path in figures.values())
+
+
+def test_the_time_parts_ran_leaves_out_the_gap_between_two_runs_of_the_command():
+    from modula_ray.experiment.report import timing
+
+    records = {"a": {"started_at": 0.0, "ended_at": 10.0, "wall_s": 10.0, "kind": "train"},
+               "b": {"started_at": 5.0, "ended_at": 12.0, "wall_s": 7.0, "kind": "eval"},   # overlaps a
+               "c": {"started_at": 100.0, "ended_at": 103.0, "wall_s": 3.0, "kind": "train"}}  # a later run
+    assert timing(records) == (15.0, {"train": 13.0, "eval": 7.0})
