@@ -16,9 +16,11 @@ batch keeps the model it started with, so nothing in flight is dropped.
 
 Errors are OpenAI's ``{"error": {...}}``: 401 (API key or admin token), 403 (hot-plug outside the
 roots), 404 (unknown model; admin without a token configured), 408 (past ``request_timeout_s``),
-411/413 (body without a length, or over ``max_body_bytes``), 422 (a bad body), 503 (more than a
-batch plus ``max_queued_requests`` in this replica). A decode that fails marks the replica
-unhealthy, and Serve replaces it.
+411/413 (body without a length, or over ``max_body_bytes``), 422 (a bad body: ``schemas`` lists
+what is refused; token ids outside the vocabulary), 503 (more than a batch plus
+``max_queued_requests`` in this replica). A failure inside one row of a batch is a 500 for that
+request alone; the replica stays healthy. A forward pass that fails marks the replica unhealthy,
+and Serve replaces it.
 """
 import asyncio  # no "from __future__ import annotations": FastAPI must see the body types, not strings
 import hmac
@@ -46,7 +48,15 @@ from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatComple
 api = FastAPI(title="modula-ray", description="OpenAI-compatible endpoint for mixtures of LoRA experts")
 api.state.max_body_bytes = ServeArgs.model_fields["max_body_bytes"].default
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout",
-               503: "server_overloaded"}
+               500: "server_error", 503: "server_overloaded"}
+
+
+def _row_failed(result) -> HTTPException | None:
+    """A row that failed inside the decoder (its own seed, sampling or text): a 500 for its request alone."""
+    if result is not None and result.finish_reason == "error":
+        return HTTPException(500, f"decoding this request failed ({result.error}); the others in its batch were "
+                                  "answered and the replica serves on")
+    return None
 
 
 @api.exception_handler(RequestValidationError)
@@ -76,6 +86,11 @@ async def _body_limit(request: Request, call_next):
 def _bearer_ok(request: Request, secret: str) -> bool:
     given = request.headers.get("authorization", "")
     return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), secret.encode())
+
+
+def _in_vocabulary(ids: list[int], vocab: int, field: str) -> None:
+    if ids and max(ids) >= vocab:
+        raise HTTPException(422, f"{field}: token id {max(ids)} is outside the vocabulary of {vocab}")
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -161,9 +176,8 @@ class CompositionServer:
 
     def _generation(self, loaded: Loaded, ids: list[int], body, logprobs: int | None = None,
                     echo: bool = False) -> GenerationRequest:
-        vocab, window = len(loaded.tokenizer), getattr(loaded.model.config, "max_position_embeddings", None)
-        if max(ids) >= vocab:
-            raise HTTPException(422, f"prompt: token id {max(ids)} is outside the vocabulary of {vocab}")
+        window = getattr(loaded.model.config, "max_position_embeddings", None)
+        _in_vocabulary(ids, len(loaded.tokenizer), "prompt")
         if window and len(ids) + body.max_tokens > window:
             raise HTTPException(422, f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) is over the "
                                      f"model's context of {window} tokens")
@@ -199,6 +213,9 @@ class CompositionServer:
         async with self._admitted(requests):
             async for index, event in self._events(loaded, requests):
                 results[index] = event.result or results[index]
+        for result in results:
+            if failed := _row_failed(result):
+                raise failed
         return results
 
     def _stream(self, loaded: Loaded, requests: list[GenerationRequest], chunks, include_usage: bool):
@@ -211,6 +228,9 @@ class CompositionServer:
                 async with self._admitted(requests):
                     async for index, event in self._events(loaded, requests):
                         results[index] = event.result or results[index]
+                        if failed := _row_failed(event.result):
+                            yield sse(error_body(str(failed.detail), type_=ERROR_TYPES[500]))
+                            continue
                         for chunk in chunks(index, event):
                             yield sse(chunk)
                 if include_usage:
@@ -248,7 +268,8 @@ class CompositionServer:
     # -- endpoints -------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "models": sorted(self.sources)}
+        return {"status": "ok", "models": sorted(self.sources),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     @api.get("/v1/models")
     def list_models(self, request: Request) -> ModelList:
@@ -325,7 +346,9 @@ class CompositionServer:
     @api.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
         self._authorize(request)
-        return {"prompt": (await self._loaded(body.model)).tokenizer.decode(body.tokens)}
+        tokenizer = (await self._loaded(body.model)).tokenizer
+        _in_vocabulary(body.tokens, len(tokenizer), "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     @api.post("/v1/admin/experts")
     async def hot_plug(self, body: HotPlugRequest, request: Request) -> dict:

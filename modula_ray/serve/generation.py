@@ -19,7 +19,11 @@ token, so a caller can stream; ``generate_batch`` runs it to the end.
   top ``k``; with ``echo`` the prompt's tokens too, from the prefill (the first has none). The
   EOS token that ends a row is scored like any generated token but never appears in the text;
 - with ``routing=True``, the mean gate per routed expert over the positions that produced the
-  generated tokens (averaged over every router), from ``Router.last_gates``.
+  generated tokens (averaged over every router), from ``Router.last_gates``;
+- the prefill keeps the logits of the last position only, unless a row echoes its prompt with
+  logprobs (then every position's: lm-eval's loglikelihood needs them);
+- a failure inside one row (its seed, its sampling, its text) ends that row alone with
+  ``finish_reason="error"`` and the error; the other rows decode on. A failing forward fails all.
 
 The router mixes every expert for every token of every row: the token-level mixture is the
 model's own forward, not a per-request adapter choice.
@@ -76,6 +80,7 @@ class GenerationResult:
     completion_tokens: int
     routing: dict[str, float] | None = None
     logprobs: list[TokenLogprob] | None = None   # prompt tokens first when echo, then generated
+    error: str | None = None                     # finish_reason "error": what failed in this row
 
 
 @dataclass
@@ -143,26 +148,44 @@ class BatchDecoder:
         self.eos = {tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])
         self.eos.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
-        self.generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
         self.routed = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
         n = len(requests)
         self.tokens, self.texts, self.sent = [[] for _ in range(n)], [""] * n, [0] * n
         self.reasons: list[str | None] = [None] * n
+        self.errors: list[str | None] = [None] * n
+        self.errors_sent = [False] * n
         self.gate_sums, self.gate_steps = [torch.zeros(len(self.routed)) for _ in range(n)], [0] * n
         self.scores: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.generators = [self._generator(row, r.seed) for row, r in enumerate(requests)]
         ids, self.mask, self.positions = _left_pad(requests, self.pad_id, self.device)
+        echoed = any(r.echo and r.logprobs is not None for r in requests)
         with torch.no_grad():
-            self.out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True)
+            self.out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                             logits_to_keep=0 if echoed else 1)
         for row, request in enumerate(requests):
-            if request.echo and request.logprobs is not None:
+            if request.echo and request.logprobs is not None and self.reasons[row] is None:
                 length = len(request.prompt_ids)
                 prompt_logits = self.out.logits[row, ids.shape[1] - length:ids.shape[1] - 1]
                 self.scores[row] = ([TokenLogprob(request.prompt_ids[0], None)]
                                     + _scored(prompt_logits, request.prompt_ids[1:], request.logprobs))
 
+    def _generator(self, row: int, seed: int | None) -> torch.Generator | None:
+        try:
+            return torch.Generator().manual_seed(seed) if seed is not None else None
+        except (RuntimeError, ValueError, OverflowError) as error:
+            self._fail(row, error)
+            return None
+
+    def _fail(self, row: int, error: Exception) -> StepEvent:
+        """End this row alone; the batch goes on without it."""
+        self.reasons[row], self.errors[row] = "error", f"{type(error).__name__}: {error}"
+        return StepEvent("", self._result(row))
+
     @property
     def done(self) -> bool:
-        return all(reason is not None for reason in self.reasons)
+        """Every row finished, and every row that failed has had its event."""
+        return all(reason is not None for reason in self.reasons) and all(
+            sent or reason != "error" for sent, reason in zip(self.errors_sent, self.reasons))
 
     @torch.no_grad()
     def step(self) -> list[StepEvent | None]:
@@ -173,6 +196,8 @@ class BatchDecoder:
         next_ids = torch.full((len(self.requests),), self.pad_id, dtype=torch.long, device=self.device)
         events: list[StepEvent | None] = [None] * len(self.requests)
         for row, request in enumerate(self.requests):
+            if self.reasons[row] == "error" and not self.errors_sent[row]:
+                self.errors_sent[row], events[row] = True, StepEvent("", self._result(row))
             if self.reasons[row] is not None:
                 continue
             if request.cancelled:
@@ -182,12 +207,17 @@ class BatchDecoder:
             if gates is not None:
                 self.gate_sums[row] += gates[row].cpu()
                 self.gate_steps[row] += 1
-            logits = self.out.logits[row, -1]
-            token = _pick(logits, request, self.generators[row])
+            try:
+                logits = self.out.logits[row, -1]
+                token = _pick(logits, request, self.generators[row])
+                if request.logprobs is not None:
+                    self.scores[row] += _scored(logits[None], [token], request.logprobs)
+                events[row] = self._advance(row, token)
+            except Exception as error:  # noqa: BLE001 - one row's failure is that row's alone
+                events[row] = self._fail(row, error)
+                self.errors_sent[row] = True
+                continue
             next_ids[row] = token
-            if request.logprobs is not None:
-                self.scores[row] += _scored(logits[None], [token], request.logprobs)
-            events[row] = self._advance(row, token)
         if not self.done:
             self.mask = torch.cat([self.mask, torch.ones((len(self.requests), 1), dtype=self.mask.dtype,
                                                          device=self.device)], dim=1)
@@ -220,7 +250,8 @@ class BatchDecoder:
             routing = {name: round(float(value) / steps, 6) for name, value in zip(self.routed, self.gate_sums[row])}
         return GenerationResult(token_ids=self.tokens[row], text=self.texts[row], finish_reason=self.reasons[row],
                                 prompt_tokens=len(request.prompt_ids), completion_tokens=len(self.tokens[row]),
-                                routing=routing, logprobs=self.scores[row] if request.logprobs is not None else None)
+                                routing=routing, logprobs=self.scores[row] if request.logprobs is not None else None,
+                                error=self.errors[row])
 
 
 def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:

@@ -4,6 +4,13 @@ Requests reject unknown fields (OpenAI answers "Unrecognized request argument"),
 and messages, and out-of-range numbers; the ingress turns a ``ValidationError`` into 422 with
 OpenAI's ``{"error": {...}}`` body (``error_body``). A completion prompt is text or token ids
 (one or a list of either), as in OpenAI's API. ``MAX_TOKENS_LIMIT`` is the cap on ``max_tokens``.
+
+What the decoder cannot take is refused here, not found out mid-batch: a ``seed`` outside
+``[0, MAX_SEED]`` (``torch.Generator.manual_seed``'s range), a ``temperature`` between 0 (greedy)
+and ``MIN_TEMPERATURE`` (below it, ``logits / temperature`` overflows to inf and the softmax to
+NaN), text that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON allows
+and the tokenizer cannot encode), more than ``MAX_STOP`` stop strings or one longer than
+``MAX_STOP_CHARS``. Token ids are checked against the model's vocabulary by the ingress.
 Also here: streaming chunks, the tokenizer endpoints lm-eval's remote tokenizer calls
 (``/tokenizer_info``, ``/tokenize``, ``/detokenize``) and the admin hot-plug body.
 """
@@ -11,13 +18,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictInt, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator,
+                      model_validator)
 
 MAX_TOKENS_LIMIT = 2048
 MAX_STOP = 4
+MAX_STOP_CHARS = 64
 MAX_PROMPTS = 32
+MAX_SEED = 2 ** 63 - 1
+MIN_TEMPERATURE = 0.01
+MAX_TOKEN_ID = 2 ** 31 - 1
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode: {error.reason} at character {error.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]
 
 
 class _Strict(BaseModel):
@@ -34,8 +58,8 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -50,17 +74,23 @@ class _Sampling(_Strict):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, value):
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     def stops(self) -> list[str]:
         return list(self.stop or [])
 
 
-TokenIds = list[NonNegativeInt]
-
-
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
@@ -90,8 +120,8 @@ class CompletionRequest(_Sampling):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -215,7 +245,7 @@ class CompletionChunk(_Chunk):
 
 
 class TokenizeRequest(_Strict):
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     model: str | None = None
 
@@ -252,7 +282,12 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
 def validation_error_body(errors: list[dict]) -> dict:
     """A pydantic error list as one OpenAI error naming the first bad field."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                        for e in errors) or "invalid request"
+    param = _field(first.get("loc", ())) or None
+    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg')}" for e in errors) or "invalid request"
     return error_body(message, param=param, code="invalid_value")
+
+
+def _field(loc) -> str:
+    """``prompt.0`` from pydantic's ``("body", "prompt", "function-after[...]", 0)``: the request's own
+    field names and list indices, without the union member pydantic tried."""
+    return ".".join(str(part) for part in loc if part != "body" and (isinstance(part, int) or str(part).isidentifier()))

@@ -22,7 +22,9 @@ def client(url: str, key: str = "unused"):
 
 
 def test_health_and_models(served):
-    assert call(served.url, "/healthz") == (200, {"status": "ok", "models": ["hot", "plug", "tiny", "tiny-llama"]})
+    status, health = call(served.url, "/healthz")
+    assert status == 200 and health["status"] == "ok" and health["models"] == ["hot", "plug", "tiny", "tiny-llama"]
+    assert isinstance(health["replica"], str) and health["replica"]
     status, models = call(served.url, "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["hot", "plug", "tiny", "tiny-llama"]
 
@@ -147,6 +149,27 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(served, body, status, pa
         assert reply["error"]["param"].startswith(param)
     elif status == 404:
         assert served.name in reply["error"]["message"] and "tiny-llama" in reply["error"]["message"]
+
+
+def test_the_inputs_that_once_took_a_replica_down_get_4xx_and_it_serves_on(served):
+    """Each reached the decoder and raised there, marking the replica broken (issue 25): a seed over
+    2^64 with sampling, a temperature that overflows the softmax, a lone surrogate, a token id of 2^40."""
+    replica = call(served.url, "/healthz")[1]["replica"]
+    sampled = {"model": served.name, "prompt": "1 + 1 =", "max_tokens": 2}
+    for path, body, param in [("/v1/completions", sampled | {"seed": 2 ** 64, "temperature": 0.7}, "seed"),
+                              ("/v1/completions", sampled | {"temperature": 1e-39}, "temperature"),
+                              ("/v1/completions", sampled | {"prompt": "\ud800"}, "prompt"),
+                              ("/v1/chat/completions", {"model": served.name, "messages": [
+                                  {"role": "user", "content": "hi \udfff"}]}, "messages"),
+                              ("/detokenize", {"model": served.name, "tokens": [2 ** 40]}, "tokens"),
+                              ("/detokenize", {"model": served.name, "tokens": [10 ** 6]}, None)]:
+        code, reply = call(served.url, path, raw=json.dumps(body).encode())  # JSON escapes the surrogate
+        assert 400 <= code < 500 and set(reply["error"]) >= {"message", "type", "param", "code"}, (body, reply)
+        assert param is None or reply["error"]["param"].startswith(param), reply
+    assert "outside the vocabulary" in reply["error"]["message"]
+    code, reply = call(served.url, "/v1/completions", sampled | {"seed": 2 ** 63 - 1, "temperature": 0.7})
+    assert code == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert call(served.url, "/healthz")[1]["replica"] == replica
 
 
 def test_malformed_json_oversized_and_unsized_bodies_are_refused(served):

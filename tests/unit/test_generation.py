@@ -193,3 +193,30 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_go_on(composed):
 def test_bad_requests_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationRequest(**({"prompt_ids": [1, 2]} | kwargs))
+
+
+def test_a_row_that_fails_ends_alone_and_the_batch_decodes_on(composed):
+    """What the schemas refuse, given to the decoder directly: a seed torch cannot take fails at the
+    start, a temperature that overflows the softmax fails at its first draw; the greedy rows beside
+    them give exactly what they give alone."""
+    model, tokenizer = composed
+    greedy = [GenerationRequest(encode(tokenizer, p), max_tokens=6) for p in PROMPTS[:2]]
+    bad_seed = GenerationRequest(encode(tokenizer, PROMPTS[2]), max_tokens=6, temperature=0.7, seed=2 ** 64)
+    bad_temperature = GenerationRequest(encode(tokenizer, PROMPTS[3]), max_tokens=6, temperature=1e-39)
+    results = generate_batch(model, tokenizer, [greedy[0], bad_seed, greedy[1], bad_temperature])
+    assert [r.finish_reason for r in results] == ["length", "error", "length", "error"]
+    assert "Overflow" in results[1].error or "Runtime" in results[1].error
+    assert results[3].error and results[3].completion_tokens == 0
+    assert [r.token_ids for r in (results[0], results[2])] == [r.token_ids for r in generate_batch(model, tokenizer, greedy)]
+    [alone] = generate_batch(model, tokenizer, [bad_seed])  # every row failed at the start: still answered
+    assert alone.finish_reason == "error"
+
+
+def test_the_prefill_keeps_every_position_only_for_echoed_logprobs(composed, monkeypatch):
+    model, tokenizer = composed
+    kept = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: kept.append(kw.get("logits_to_keep")) or forward(*a, **kw))
+    BatchDecoder(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]))])
+    BatchDecoder(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]), logprobs=1, echo=True)])
+    assert kept == [1, 0]

@@ -2,7 +2,7 @@
 import pytest
 from pydantic import ValidationError
 
-from modula_ray.serve.schemas import (ChatCompletionRequest, CompletionRequest, CompletionResponse, Usage,
+from modula_ray.serve.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, CompletionResponse, Usage,
                                       validation_error_body)
 
 
@@ -22,7 +22,12 @@ def test_a_minimal_completion_and_chat_request_are_accepted():
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": 7}, "prompt"), ({"model": "", "prompt": "x"}, "model"), ({"prompt": [[1, 2], []]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"), ({"prompt": "x", "stream": True, "echo": True}, "stream"),
-    ({"prompt": ["x"] * 33}, "prompt")])
+    ({"prompt": ["x"] * 33}, "prompt"),
+    # what once reached the decoder and took the replica down (issue 25)
+    ({"prompt": "x", "seed": 2 ** 64, "temperature": 0.7}, "seed"), ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "temperature": 1e-39}, "temperature"), ({"prompt": "\ud800"}, "prompt"),
+    ({"prompt": ["ok", "a\udfffb"]}, "prompt"), ({"prompt": [2 ** 40]}, "prompt"),
+    ({"prompt": "x", "stop": "\ud800"}, "stop"), ({"prompt": "x", "stop": "s" * 65}, "stop")])
 def test_bad_completion_requests_name_the_field(body, field):
     with pytest.raises(ValidationError) as info:
         CompletionRequest(**({"model": "tiny"} | body))
@@ -83,3 +88,12 @@ def test_the_cluster_serve_config_parses_and_starts_with_its_command():
     options = deployment_options(served, deployment)
     assert http["port"] == 8000 and options["max_ongoing_requests"] > served.capacity()
     assert options["autoscaling_config"]["max_replicas"] >= 1 and "name" not in options
+
+
+def test_the_limits_that_remain_are_accepted():
+    request = CompletionRequest(model="tiny", prompt="x", seed=2 ** 63 - 1, temperature=0.01, stop="s" * 64)
+    assert request.seed == 2 ** 63 - 1 and CompletionRequest(model="tiny", prompt="x", temperature=0).temperature == 0
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hi \ud83d"}])
+    with pytest.raises(ValidationError):
+        DetokenizeRequest(tokens=[2 ** 40])
