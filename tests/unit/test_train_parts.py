@@ -229,3 +229,46 @@ def test_a_no_grad_forward_after_an_optimizer_step_reads_the_new_weights():
         fresh = model(ids).logits
     assert not torch.allclose(before, fresh)  # the step moved the routers
     assert torch.equal(cached, fresh)
+
+
+class _Payload:
+    """What a writer of checkpoint storage could plant: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PWNED']).touch()",))
+
+
+def test_a_checkpoint_round_trips_with_weights_only_and_refuses_a_planted_pickle(tmp_path, monkeypatch):
+    import pickle
+    import random
+
+    import numpy as np
+
+    from modula_ray.train import checkpointing
+    from modula_ray.train.schedule import lr_lambda
+
+    def trained():
+        params = {"w": torch.nn.Parameter(torch.zeros(3, 3))}
+        optimizer = torch.optim.AdamW(params.values(), lr=0.1)
+        return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(2, 10))
+
+    torch.manual_seed(0)
+    params, optimizer, scheduler = trained()
+    for _ in range(3):
+        (params["w"] * torch.randn(3, 3)).sum().backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    checkpointing.write(tmp_path, rank=0, step=3, counters={"tokens": 5, "domain_first_loss": {"math": None}},
+                        params=params, optimizer=optimizer, scheduler=scheduler)
+    expected = (torch.rand(1).item(), random.random(), float(np.random.rand()))
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    again, optimizer2, scheduler2 = trained()
+    step, counters = checkpointing.restore(tmp_path, rank=0, params=again, optimizer=optimizer2, scheduler=scheduler2)
+    assert (step, counters) == (3, {"tokens": 5, "domain_first_loss": {"math": None}})
+    assert torch.equal(again["w"], params["w"]) and scheduler2.last_epoch == 3
+    assert (torch.rand(1).item(), random.random(), float(np.random.rand())) == expected  # every RNG resumes
+
+    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
+    torch.save({"step": 3, "params": {}, "optimizer": _Payload(), "scheduler": None}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        checkpointing.restore(tmp_path, rank=0, params=again, optimizer=optimizer2, scheduler=scheduler2)
+    assert not (tmp_path / "pwned").exists()
