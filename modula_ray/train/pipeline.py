@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..models import base_fingerprint, resolve_base
 from ..ray_session import connect_ray
+from ..runlock import run_lock
 from .launcher import default_storage, fit_concurrently
 from .resources import check_groups
 from .stages import STAGE_TASKS
@@ -147,15 +148,17 @@ def plan_groups(config: PipelineConfig) -> list[tuple[str, object]]:
 def run_pipeline(config: PipelineConfig, run_dir, *, force: bool = False, command: str = "") -> Manifest:
     """Run every stage of ``config.method`` into ``run_dir``; returns the manifest."""
     config.check_base_model()  # the experts fit the base model, before Ray or any worker starts
-    connect_ray(run_dir)
-    for name, spec in plan_groups(config):  # fail fast, before data or models are touched
-        check_groups([(name, spec)])
-    run, manifest = open_run(config, run_dir, command=command or "modula-ray train")
-    runner = Runner(run, manifest, force=force, event="pipeline")
-    for stage in config.plan:
-        print(f"== stage {stage} ==", flush=True)
-        runner.fit(STAGE_TASKS[stage](run, run.domains))
-    return Manifest.read(run.run_dir)
+    command = command or "modula-ray train"
+    with run_lock(run_dir, command):
+        connect_ray(run_dir)
+        for name, spec in plan_groups(config):  # fail fast, before data or models are touched
+            check_groups([(name, spec)])
+        run, manifest = open_run(config, run_dir, command=command)
+        runner = Runner(run, manifest, force=force, event="pipeline")
+        for stage in config.plan:
+            print(f"== stage {stage} ==", flush=True)
+            runner.fit(STAGE_TASKS[stage](run, run.domains))
+        return Manifest.read(run.run_dir)
 
 
 def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", overrides: list[str] | None = None
@@ -165,21 +168,22 @@ def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", ov
     ``overrides`` (``dotted.key=value``) change the run's config for this and later stages, e.g. the
     new expert's placement; they are recorded in config.yaml once the domain is in."""
     run_dir = Path(run_dir).resolve()
-    Manifest.read(run_dir).check_lineage()  # the experts we keep must fit the universal
-    config = load_config(PipelineConfig, run_dir / RUN_CONFIG, overrides)
-    if name in config.domains and not force:
-        raise ConfigError("domain", f"{name!r} is already in the composition {config.domains}")
-    config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
-    config.check_base_model()  # the experts (with any overrides) fit the base model, before any worker starts
     command = command or f"modula-ray add-domain {name} --run {run_dir}"
-    connect_ray(run_dir)
-    run, manifest = open_run(config, run_dir, command=command, write_config=False)
-    runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
-    for stage in config.method_class.add_domain_plan:
-        print(f"== {name}: stage {stage} ==", flush=True)
-        runner.fit(STAGE_TASKS[stage](run, [name]))
-    atomic_write_text(run_dir / RUN_CONFIG, dump_config(config, command))  # only once it succeeded
-    return Manifest.read(run_dir)
+    with run_lock(run_dir, command):
+        Manifest.read(run_dir).check_lineage()  # the experts we keep must fit the universal
+        config = load_config(PipelineConfig, run_dir / RUN_CONFIG, overrides)
+        if name in config.domains and not force:
+            raise ConfigError("domain", f"{name!r} is already in the composition {config.domains}")
+        config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
+        config.check_base_model()  # the experts (with any overrides) fit the base model, before any worker starts
+        connect_ray(run_dir)
+        run, manifest = open_run(config, run_dir, command=command, write_config=False)
+        runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
+        for stage in config.method_class.add_domain_plan:
+            print(f"== {name}: stage {stage} ==", flush=True)
+            runner.fit(STAGE_TASKS[stage](run, [name]))
+        atomic_write_text(run_dir / RUN_CONFIG, dump_config(config, command))  # only once it succeeded
+        return Manifest.read(run_dir)
 
 
 def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = None, *, force: bool = False,
@@ -187,8 +191,10 @@ def run_stage(config: PipelineConfig, run_dir, stage: str, domain: str | None = 
     """One stage alone (``jobs/train_stage.py``); its inputs must already be in the run folder."""
     if stage not in config.plan:
         raise ConfigError("stage", f"{stage!r} is not a stage of {config.method} ({config.plan})")
-    connect_ray(run_dir)
-    run, manifest = open_run(config, run_dir, command=command or "modula-ray stage")
-    tasks = STAGE_TASKS[stage](run, [domain] if domain else run.domains)
-    Runner(run, manifest, force=force, event="pipeline").fit(tasks)
-    return Manifest.read(run.run_dir)
+    command = command or "modula-ray stage"
+    with run_lock(run_dir, command):
+        connect_ray(run_dir)
+        run, manifest = open_run(config, run_dir, command=command)
+        tasks = STAGE_TASKS[stage](run, [domain] if domain else run.domains)
+        Runner(run, manifest, force=force, event="pipeline").fit(tasks)
+        return Manifest.read(run.run_dir)

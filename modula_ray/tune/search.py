@@ -167,12 +167,23 @@ def write_trials(path: Path, rows: list[dict]) -> None:
 
 def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_concurrent: int | None = None,
                 name: str = "router", command: str = "") -> dict:
-    """Search, then install the best router; returns ``{"rows", "best", "experiment", "manifest"}``."""
+    """Search, then install the best router; returns ``{"rows", "best", "experiment", "manifest"}``.
+    Holds the run folder's lock (``runlock``) throughout: no other writer meets a half-installed router."""
+    from ..runlock import run_lock
+
+    run_dir = Path(run_dir).resolve()
+    command = command or f"modula-ray tune router --run {run_dir} --name {name}"
+    with run_lock(run_dir, command):
+        return _search_and_install(run_dir, space, num_samples=num_samples, max_concurrent=max_concurrent, name=name,
+                                   command=command)
+
+
+def _search_and_install(run_dir: Path, space, *, num_samples: int | None, max_concurrent: int | None, name: str,
+                        command: str) -> dict:
     from ..data.build import read_datasets_json
     from ..ray_session import connect_ray
     from ..train.pipeline import open_run, router_hyperparameters
 
-    run_dir = Path(run_dir).resolve()
     recover_router(run_dir)
     manifest, config = check_run(run_dir)
     data_domains = config.domains + [config.data.general_domain]
@@ -180,7 +191,6 @@ def tune_router(run_dir, space=None, *, num_samples: int | None = None, max_conc
     config.check_base_model()  # the run's settings fit its base model, before any trial starts
     connect_ray(run_dir)
     check_concurrent(spec.trial or config.stages.router.scaling, spec.search.max_concurrent)
-    command = command or f"modula-ray tune router --run {run_dir} --name {name}"
     run, _ = open_run(config, run_dir, command=command, write_config=False)
     built = read_datasets_json(run.data_dir)["domains"]
     experiment = run_dir / "tune" / name
