@@ -59,8 +59,10 @@ def emit_json(result, out=None) -> int:
 def atomic_dir(path):
     """Yield a temporary folder; on success it replaces ``path`` whole.
 
-    An existing ``path`` is moved aside first and deleted only once the new one is
-    in place, so at every instant either the old or the new version exists on disk.
+    An existing ``path`` is swapped with the new folder in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``), so a reader finds the old or the new version at every instant, never
+    none; the old one is deleted after. Where the file system cannot exchange, the old one is
+    moved aside first (a moment without ``path``, but never a half-written one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,13 +72,30 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # holds the old version now
+    else:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    if old is not None:
+        os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def read_json(path, error_cls=None):
