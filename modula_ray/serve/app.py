@@ -25,7 +25,6 @@ and Serve replaces it.
 import asyncio  # no "from __future__ import annotations": FastAPI must see the body types, not strings
 import hmac
 import weakref
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -36,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ModulaError
 from ..hooks import hook
+from .admission import Admission, in_vocabulary, row_failed
 from .config import ServeArgs, deployment_options, parse_args
 from .generation import BatchDecoder, GenerationRequest
 from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
@@ -50,13 +50,6 @@ api.state.max_body_bytes = ServeArgs.model_fields["max_body_bytes"].default
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout",
                500: "server_error", 503: "server_overloaded"}
 
-
-def _row_failed(result) -> HTTPException | None:
-    """A row that failed inside the decoder (its own seed, sampling or text): a 500 for its request alone."""
-    if result is not None and result.finish_reason == "error":
-        return HTTPException(500, f"decoding this request failed ({result.error}); the others in its batch were "
-                                  "answered and the replica serves on")
-    return None
 
 
 @api.exception_handler(RequestValidationError)
@@ -86,11 +79,6 @@ async def _body_limit(request: Request, call_next):
 def _bearer_ok(request: Request, secret: str) -> bool:
     given = request.headers.get("authorization", "")
     return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), secret.encode())
-
-
-def _in_vocabulary(ids: list[int], vocab: int, field: str) -> None:
-    if ids and max(ids) >= vocab:
-        raise HTTPException(422, f"{field}: token id {max(ids)} is outside the vocabulary of {vocab}")
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -139,7 +127,8 @@ class CompositionServer:
         if name not in self.sources:
             raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.sources)}")
         composition = await self._compositions(name)
-        if plugged_elsewhere(composition):  # this request runs on what is loaded; the next ones on the new
+        if composition.due() and await asyncio.to_thread(plugged_elsewhere, composition, self.args.admin_token):
+            # this request runs on what is loaded; the next ones on the new
             composition.reloading = True
             task = asyncio.ensure_future(self._follow(composition))
             self.background.add(task)  # asyncio keeps only a weak reference to a running task
@@ -155,29 +144,22 @@ class CompositionServer:
         finally:
             composition.reloading = False
 
-    def _capacity_left(self, n: int) -> None:
-        if self.in_flight + n > self.args.capacity():
+    def _admit(self, requests: list[GenerationRequest]) -> Admission:
+        """Take the rows' slots now, checked and counted in one step (no await between), or 503. One
+        request may hold at most ``max_batch_size`` rows, so that no client takes the queue alone."""
+        share = self.args.max_batch_size
+        if len(requests) > share:
+            raise HTTPException(422, f"prompt: {len(requests)} prompts in one request; this server takes at most "
+                                     f"{share} (max_batch_size) per request")
+        if self.in_flight + len(requests) > self.args.capacity():
             raise HTTPException(503, f"overloaded: {self.in_flight} requests in this replica, room for "
                                      f"{self.args.capacity()}; retry later", headers={"Retry-After": "1"})
-
-    @asynccontextmanager
-    async def _admitted(self, requests: list[GenerationRequest]):
-        self.in_flight += len(requests)
-        try:
-            async with asyncio.timeout(self.args.request_timeout_s):
-                yield
-        except TimeoutError:
-            raise HTTPException(408, f"generation took longer than request_timeout_s="
-                                     f"{self.args.request_timeout_s}") from None
-        finally:
-            self.in_flight -= len(requests)
-            for request in requests:
-                request.cancel()  # a finished row ignores it; a live one (timeout, client gone) stops
+        return Admission(self, requests)
 
     def _generation(self, loaded: Loaded, ids: list[int], body, logprobs: int | None = None,
                     echo: bool = False) -> GenerationRequest:
         window = getattr(loaded.model.config, "max_position_embeddings", None)
-        _in_vocabulary(ids, len(loaded.tokenizer), "prompt")
+        in_vocabulary(ids, len(loaded.tokenizer), "prompt")
         if window and len(ids) + body.max_tokens > window:
             raise HTTPException(422, f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) is over the "
                                      f"model's context of {window} tokens")
@@ -187,7 +169,9 @@ class CompositionServer:
 
     # -- generation ------------------------------------------------------------------------------
     async def _events(self, loaded: Loaded, requests: list[GenerationRequest]):
-        """``(index, StepEvent)`` of every request as they come, each request in the shared batch."""
+        """``(index, StepEvent)`` of every request as they come, each request in the shared batch;
+        past ``request_timeout_s`` a 408, raised here, between events (never inside a caller's await)."""
+        deadline = asyncio.get_running_loop().time() + self.args.request_timeout_s
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, request: GenerationRequest):
@@ -200,46 +184,60 @@ class CompositionServer:
         tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
         try:
             for _ in range(len(requests)):
-                while (item := await queue.get())[1] is not None:
+                while (item := await self._next(queue, deadline))[1] is not None:
                     yield item
             await asyncio.gather(*tasks)  # surfaces a decode failure
         finally:
             for task in tasks:
                 task.cancel()
 
+    async def _next(self, queue: asyncio.Queue, deadline: float):
+        try:
+            return await asyncio.wait_for(queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise HTTPException(408, f"generation took longer than request_timeout_s="
+                                     f"{self.args.request_timeout_s}") from None
+
     async def _results(self, loaded: Loaded, requests: list[GenerationRequest]):
-        self._capacity_left(len(requests))
         results = [None] * len(requests)
-        async with self._admitted(requests):
+        admission = self._admit(requests)
+        try:
             async for index, event in self._events(loaded, requests):
                 results[index] = event.result or results[index]
+        finally:
+            admission.release()
         for result in results:
-            if failed := _row_failed(result):
+            if failed := row_failed(result):
                 raise failed
         return results
 
     def _stream(self, loaded: Loaded, requests: list[GenerationRequest], chunks, include_usage: bool):
-        """SSE of ``chunks(index, event)``; overload is a status (checked first), a timeout an event."""
-        self._capacity_left(len(requests))
+        """SSE of ``chunks(index, event)``; overload is a status (the slots are taken before the
+        response starts), a timeout an event, and every stream ends with ``[DONE]``."""
+        admission = self._admit(requests)
 
         async def body():
             results = [None] * len(requests)
             try:
-                async with self._admitted(requests):
+                try:
                     async for index, event in self._events(loaded, requests):
                         results[index] = event.result or results[index]
-                        if failed := _row_failed(event.result):
+                        if failed := row_failed(event.result):
                             yield sse(error_body(str(failed.detail), type_=ERROR_TYPES[500]))
                             continue
                         for chunk in chunks(index, event):
                             yield sse(chunk)
-                if include_usage:
-                    yield sse({"choices": [], "usage": usage(results).model_dump()})
-            except HTTPException as error:
-                yield sse(error_body(str(error.detail), type_=ERROR_TYPES.get(error.status_code), code="timeout"))
-            yield DONE
+                    if include_usage:
+                        yield sse({"choices": [], "usage": usage(results).model_dump()})
+                except HTTPException as error:
+                    yield sse(error_body(str(error.detail), type_=ERROR_TYPES.get(error.status_code), code="timeout"))
+                yield DONE
+            finally:
+                admission.release()
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        stream = body()
+        weakref.finalize(stream, admission.release)  # a response that never started still gives its slots back
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _decode(self, items: list[tuple[Loaded, GenerationRequest]]):
@@ -347,7 +345,7 @@ class CompositionServer:
     async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
         self._authorize(request)
         tokenizer = (await self._loaded(body.model)).tokenizer
-        _in_vocabulary(body.tokens, len(tokenizer), "tokens")
+        in_vocabulary(body.tokens, len(tokenizer), "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @api.post("/v1/admin/experts")
@@ -376,7 +374,7 @@ class CompositionServer:
                 self.sources.pop(name, None)
             raise HTTPException(422, f"run_dir: {error}") from None
         self.sources[name] = (str(run_dir), True)
-        record_plug(held.current)
+        held.followed = await asyncio.to_thread(record_plug, held.current, self.args.admin_token)
         return {"model": name, "run_dir": str(run_dir), "experts": held.current.experts,
                 "previous_experts": previous.experts if previous else [],
                 "replica": serve.get_replica_context().replica_id.unique_id}

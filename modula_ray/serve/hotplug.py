@@ -5,12 +5,19 @@ and ``..`` are resolved, it is one of the roots the server was started with (its
 ``admin_roots``) or lies under one; anything else is refused before the disk is touched.
 
 The call reaches one replica. That replica records what it plugged in ``RUN/serve/plugged.json``
-(the sha256 of the manifest it loaded); every replica serving the folder compares it with what it
-holds at most every ``FOLLOW_EVERY_S`` and, when they differ, loads and swaps in the background.
-A plain ``add-domain`` without a hot-plug changes nothing that is served.
+(the sha256 of the manifest it loaded), signed with the admin token (HMAC-SHA256); every replica
+serving the folder reads the record at most every ``FOLLOW_EVERY_S`` (off the event loop) and,
+when it holds a plug it has not acted on yet, loads and swaps in the background. A record that is
+unsigned, signed with another token or malformed is ignored with one log line, so whoever can write
+the folder but lacks the token cannot make replicas reload; a server without an admin token follows
+nothing. A record already on disk when a replica loads counts as acted on, so a replica started
+after a later ``add-domain`` does not reload again and again. A plain ``add-domain`` without a
+hot-plug changes nothing that is served.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,6 +48,7 @@ class Loaded:
     source: str
     manifest_sha256: str = ""               # of the run folder's manifest.json when it was read
     loaded_at: float = field(default_factory=time.time)
+    plug_on_disk: str | None = None         # the signature of RUN/serve/plugged.json when it was read
 
 
 class Composition:
@@ -50,10 +58,20 @@ class Composition:
     def __init__(self, name: str, loaded: Loaded):
         self.name, self.current = name, loaded
         self.checked_at, self.reloading = time.monotonic(), False
+        self.followed, self.complained = loaded.plug_on_disk, None   # the last plug acted on; the last log line
 
     def swap(self, loaded: Loaded) -> Loaded:
         previous, self.current = self.current, loaded
         return previous
+
+    def due(self) -> bool:
+        """Time to read the folder's plug record again (at most every ``FOLLOW_EVERY_S``, never while
+        a reload is under way)? No I/O: the event loop asks this on every request."""
+        now = time.monotonic()
+        if self.reloading or not self.current.manifest_sha256 or now - self.checked_at < FOLLOW_EVERY_S:
+            return False
+        self.checked_at = now
+        return True
 
 
 def load(source: str, *, is_run: bool) -> Loaded:
@@ -65,28 +83,61 @@ def load(source: str, *, is_run: bool) -> Loaded:
     from ..fileio import sha256_file
 
     digest = sha256_file(Path(source) / "manifest.json") if is_run else ""
+    on_disk = _signature_on_disk(source) if is_run else None
     model, tokenizer = load_composition(source) if is_run else load_base(source)
     experts = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
-    return Loaded(model, tokenizer, list(experts), source, digest)
+    return Loaded(model, tokenizer, list(experts), source, digest, plug_on_disk=on_disk)
 
 
-def record_plug(loaded: Loaded) -> None:
-    """Tell the other replicas serving this folder what is now live."""
+def _sign(record: dict, secret: str) -> str:
+    fields = {k: record[k] for k in ("manifest_sha256", "plugged_at", "experts")}
+    return hmac.new(secret.encode(), json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def record_plug(loaded: Loaded, secret: str) -> str:
+    """Tell the other replicas serving this folder what is now live; returns the record's signature."""
     from ..fileio import atomic_write_json
 
-    atomic_write_json(Path(loaded.source) / PLUGGED, {"manifest_sha256": loaded.manifest_sha256,
-                                                      "plugged_at": time.time(), "experts": loaded.experts})
+    record = {"manifest_sha256": loaded.manifest_sha256, "plugged_at": time.time(), "experts": loaded.experts}
+    record["signature"] = _sign(record, secret)
+    atomic_write_json(Path(loaded.source) / PLUGGED, record)
+    return record["signature"]
 
 
-def plugged_elsewhere(composition: Composition) -> bool:
-    """Whether a hot-plug on another replica made this one's composition stale (checked at most
-    every ``FOLLOW_EVERY_S``; never while a reload is under way)."""
-    now, current = time.monotonic(), composition.current
-    if composition.reloading or not current.manifest_sha256 or now - composition.checked_at < FOLLOW_EVERY_S:
-        return False
-    composition.checked_at = now
+def _signature_on_disk(source: str) -> str | None:
     try:
-        record = json.loads((Path(current.source) / PLUGGED).read_text())
-    except (OSError, ValueError):
+        return json.loads((Path(source) / PLUGGED).read_text()).get("signature")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def plugged_elsewhere(composition: Composition, secret: str | None) -> bool:
+    """Whether the folder holds a plug, signed with ``secret``, that this composition has not acted on
+    and that names another manifest than the one it holds. Blocking file I/O: call it off the loop."""
+    current = composition.current
+    path = Path(current.source) / PLUGGED
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
         return False
-    return record.get("manifest_sha256") not in (None, current.manifest_sha256)
+    except (OSError, ValueError) as error:
+        return _ignore(composition, f"{path} is not readable JSON ({error})")
+    try:
+        signature = record["signature"]
+        valid = bool(secret) and hmac.compare_digest(str(signature), _sign(record, secret))
+    except (KeyError, TypeError) as error:
+        return _ignore(composition, f"{path} is not a plug record (missing {error})")
+    if not valid:
+        reason = "this server has no admin token to check it with" if not secret else "its signature does not match"
+        return _ignore(composition, f"{path} is not followed: {reason}")
+    if signature == composition.followed:
+        return False
+    composition.followed = signature
+    return record["manifest_sha256"] != current.manifest_sha256
+
+
+def _ignore(composition: Composition, problem: str) -> bool:
+    if problem != composition.complained:
+        composition.complained = problem
+        print(f"hot-plug record ignored for {composition.name}: {problem}", flush=True)
+    return False

@@ -206,7 +206,8 @@ def served(ray_local, tiny_run, experiment, tmp_path_factory):
     serve.run(build_app([tiny_run[0]], api_key=API_KEY, max_batch_size=2, max_queued_requests=2,
                         request_timeout_s=1.5, max_body_bytes=4096, deployment=small), name="tight",
               route_prefix="/tight")
-    serve.run(build_app([plug], deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}),
+    serve.run(build_app([plug], admin_token=ADMIN_TOKEN,  # replicas follow only plugs signed with their token
+                        deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}),
               name="pair", route_prefix="/pair")
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", name=tiny_run[0].name, hot=hot, plug=plug, outside=outside,
