@@ -134,16 +134,25 @@ class Manifest(Mapping):
         self._fields["domains"] = {d: domains[d] for d in first + sorted(set(domains) - set(first))}
 
     def parts(self) -> list[PartRef]:
-        """Every saved part of the composition, in load order."""
+        """Every saved part of the composition, in load order; each must lie inside the run folder."""
         parts = []
         if self["universal"]:
-            parts.append(PartRef("universal", str(self.run_dir / self["universal"]["path"])))
+            parts.append(PartRef("universal", self._inside(self["universal"]["path"], "universal.path")))
         for name, entry in self["domains"].items():
             if entry.get("path"):
-                parts.append(PartRef("domain", str(self.run_dir / entry["path"]), name))
+                parts.append(PartRef("domain", self._inside(entry["path"], f"domains.{name}.path"), name))
         if self["router"]:
-            parts.append(PartRef("router", str(self.run_dir / self["router"]["path"])))
+            parts.append(PartRef("router", self._inside(self["router"]["path"], "router.path")))
         return parts
+
+    def _inside(self, relative, field: str) -> str:
+        """``run_dir / relative`` once resolved (symlinks, ``..``), refused unless it stays in the run folder."""
+        root = Path(self.run_dir).resolve()
+        if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+            raise ArtifactError(self.path, f"{field} must be a path relative to the run folder, not {relative!r}")
+        if root not in (root / relative).resolve().parents:
+            raise ArtifactError(self.path, f"{field} {relative!r} leads outside the run folder {root}")
+        return str(self.run_dir / relative)
 
     def check_lineage(self) -> None:
         check_lineage(self.parts())

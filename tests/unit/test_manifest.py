@@ -165,3 +165,24 @@ def test_a_domain_without_data_is_an_artifact_error(tmp_path, run, config):
     with pytest.raises(ArtifactError, match=r"has no domain 'finance'; built: \['code', 'general', 'math'\]") as error:
         run.record_domain("finance", None, {})
     assert error.value.path == str(run.run_dir / "data" / "datasets.json")
+
+
+@pytest.mark.parametrize("field, path, message", [
+    ("router", "/etc", "must be a path relative to the run folder"),
+    ("router", "../elsewhere/router", "leads outside the run folder"),
+    ("universal", "experts/../../x", "leads outside the run folder"),
+    ("domain", "LINK", "leads outside the run folder"),
+    ("router", "", "must be a path relative")])
+def test_a_part_path_must_stay_inside_the_run_folder(run, tmp_path, field, path, message):
+    """What a writer of manifest.json could otherwise point a loader at (issue 25)."""
+    fields = on_disk(run.run_dir)
+    if path == "LINK":
+        (run.run_dir / "escape").symlink_to(tmp_path, target_is_directory=True)
+        path = "escape/experts/math"
+    if field == "domain":
+        fields["domains"]["math"]["path"] = path
+    else:
+        fields[field]["path"] = path
+    (run.run_dir / "manifest.json").write_text(json.dumps(fields))
+    with pytest.raises(ArtifactError, match=message):
+        Manifest.read(run.run_dir).parts()
