@@ -21,7 +21,7 @@ def test_malformed_verdicts_are_counted_invalid_and_a_second_run_is_served_from_
     client = JudgeClient(JudgeConfig(base_url=f"{served.url}/v1", model="tiny-llama", max_tokens=24), tmp_path)
     first = judge_answers(client, rubric, ITEMS)
     assert first["judged"] == 3 and first["invalid"] == 3 and first["total"] is None  # random weights: no JSON
-    assert client.stats == {"calls": 3, "cache_hits": 0, "retries": 0}
+    assert client.stats == {"calls": 3, "cache_hits": 0, "retries": 0, "malformed": 0}
     again = judge_answers(client, rubric, ITEMS)
     assert client.stats["cache_hits"] == 3 and client.stats["calls"] == 3
     assert [i["reply"] for i in again["items"]] == [i["reply"] for i in first["items"]]

@@ -77,7 +77,7 @@ def test_the_installed_wheel_holds_the_tasks_rubrics_and_search_space(installed)
     for key in ("package", "space", "tasks"):
         assert Path(found[key]).resolve().is_relative_to(venv.resolve()), f"{key}: {found[key]} is not the wheel's"
     assert found["fingerprint"] == load_config(SearchSpec, ROOT / "jobs/configs/tune-router.yaml").fingerprint()
-    assert found["rubric"] == "1.0"
+    assert found["rubric"] == "1.1"
     every_task = {name for names in suite_tasks(ROOT / "eval" / "tasks").values() for name in names}
     assert every_task | {"modula_all"} <= set(found["lm_eval_tasks"])
 

@@ -21,12 +21,13 @@ class Scripted(BaseHTTPRequestHandler):
         status = self.server.statuses.pop(0) if self.server.statuses else 200
         reply = ({"choices": [{"message": {"role": "assistant", "content": "verdict A"}}]} if status == 200
                  else {"error": {"message": f"scripted {status}"}})
-        data = json.dumps(reply).encode()
+        data = self.server.bodies.pop(0) if status == 200 and self.server.bodies else json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if status != 200:
-            self.send_header("retry-after-ms", "10")
+            for name, value in (self.server.retry_headers or {"retry-after-ms": "10"}).items():
+                self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -37,7 +38,7 @@ class Scripted(BaseHTTPRequestHandler):
 @pytest.fixture
 def judge_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    server.statuses, server.requests = [], []
+    server.statuses, server.requests, server.bodies, server.retry_headers = [], [], [], None
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -58,7 +59,7 @@ def test_503s_are_retried_until_answered_and_the_reply_is_cached(judge_server, t
     judge_server.statuses[:] = [503, 503]
     client = client_for(judge_server, tmp_path, retries=3, api_key="secret", max_tokens=7)
     assert client.ask("system text", "prompt text", "1") == "verdict A"
-    assert client.stats == {"calls": 1, "cache_hits": 0, "retries": 2}
+    assert client.stats == {"calls": 1, "cache_hits": 0, "retries": 2, "malformed": 0}
     assert len(judge_server.requests) == 3
     path, authorization, body = judge_server.requests[-1]
     assert (path, authorization) == ("/v1/chat/completions", "Bearer secret")
@@ -95,3 +96,41 @@ def test_no_server_at_the_url_says_so(tmp_path):
     with pytest.raises(JudgeUnavailableError) as raised:
         client.ask("system", "prompt", "1")
     assert str(raised.value).startswith(f"http://127.0.0.1:{port}/v1/chat/completions: no answer after 1 tries (")
+
+
+@pytest.mark.parametrize("retry_after, answered", [
+    ("1", True), ("soon", True), ("IN 2 S", True),      # honoured (a date 2 s ahead); garbage: the own backoff
+    ("3600", False), ("Wed, 21 Oct 2099 07:28:00 GMT", False)])  # over the 60 s cap: fails at once
+def test_retry_after_is_honoured_in_both_forms_and_bounded(judge_server, tmp_path, retry_after, answered):
+    import email.utils
+    import time
+
+    if retry_after == "IN 2 S":
+        retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)
+    judge_server.statuses[:], judge_server.retry_headers = [429], {"Retry-After": retry_after}
+    client = client_for(judge_server, tmp_path, retries=1)
+    started = time.monotonic()
+    if answered:
+        assert client.ask("s", "p", "1") == "verdict A" and client.stats["retries"] == 1
+    else:
+        with pytest.raises(JudgeUnavailableError, match="HTTP 429"):
+            client.ask("s", "p", "1")
+    assert time.monotonic() - started < 10
+
+
+def test_a_malformed_200_is_counted_invalid_and_not_cached(judge_server, tmp_path):
+    from modula_ray.evaluation.judges.rubric import judge_answers, load_rubric
+
+    judge_server.bodies[:] = [b'{"id": "x", "object": "chat.completion"}', b'{"choices": []}']
+    client = client_for(judge_server, tmp_path)
+    result = judge_answers(client, load_rubric("ecommerce_generation"), [{"question": "q", "answer": "a"}] * 2)
+    assert result["invalid"] == 2 and client.stats["malformed"] == 2 and not list(tmp_path.glob("*.json"))
+
+
+def test_the_cache_is_per_judge_url(judge_server, tmp_path):
+    first = client_for(judge_server, tmp_path)
+    first.ask("s", "p", "1")
+    other = JudgeClient(JudgeConfig(base_url=f"http://localhost:{judge_server.server_port}/v1", model="scripted",
+                                    timeout_s=10), tmp_path)
+    other.ask("s", "p", "1")
+    assert (first.stats["calls"], other.stats["calls"], other.stats["cache_hits"]) == (1, 1, 0)

@@ -2,9 +2,12 @@
 
 ``JudgeClient`` asks it through the ``openai`` client at temperature 0, at most ``concurrency``
 at once. The client retries connection errors, timeouts, 408, 409, 429 and 5xx up to ``retries``
-times (exponential backoff from 0.5 s, ``Retry-After`` honoured), never another 4xx. Every reply
-is cached on disk under a key of (prompt, judge model, rubric version), so a re-run costs nothing
-and a changed rubric (a new version) is judged again. Where the judge is:
+times (exponential backoff from 0.5 s; ``Retry-After`` in seconds or as an HTTP date honoured up
+to the client's 60 s cap, a longer one ignored for the backoff), never another 4xx. A 200 whose body
+is not a chat completion is counted (``stats["malformed"]``) and read as an empty reply, which the
+rubric counts invalid; it is not cached. Every other reply is cached on disk under a key of
+(prompt, judge URL, judge model, rubric version), so a re-run costs nothing, another judge is asked
+afresh, and a changed rubric (a new version) is judged again. Where the judge is:
 ``JudgeConfig.from_env()`` reads ``MODULA_RAY_JUDGE_URL`` / ``_MODEL`` / ``_KEY``; the default is
 this project's own endpoint, ``modula-ray serve --base smollm2-135m`` on 127.0.0.1:8000.
 """
@@ -50,7 +53,7 @@ class JudgeConfig:
 class JudgeClient:
     config: JudgeConfig
     cache_dir: Path
-    stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0})
+    stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0, "malformed": 0})
 
     def __post_init__(self):
         import openai
@@ -59,14 +62,14 @@ class JudgeClient:
                                            timeout=self.config.timeout_s, max_retries=self.config.retries)
 
     def _key(self, system: str, prompt: str, version) -> str:
-        text = json.dumps([system, prompt, self.config.model, str(version)])
+        text = json.dumps([system, prompt, self.config.base_url.rstrip("/"), self.config.model, str(version)])
         return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def url(self) -> str:
         return self.config.base_url.rstrip("/") + "/chat/completions"
 
-    def _post(self, system: str, prompt: str) -> str:
+    def _post(self, system: str, prompt: str) -> str | None:
         import openai
 
         try:
@@ -79,7 +82,13 @@ class JudgeClient:
             raise JudgeUnavailableError(f"{self.url}: no answer after {self.config.retries + 1} tries "
                                         f"({error!r})") from None
         self.stats["retries"] += raw.retries_taken
-        return raw.parse().choices[0].message.content or ""
+        try:
+            content = raw.parse().choices[0].message.content
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            content = None
+        if not isinstance(content, str):
+            return None
+        return content
 
     def ask(self, system: str, prompt: str, version) -> str:
         """The judge's reply to ``prompt``: from the cache, or from the endpoint (then cached)."""
@@ -89,7 +98,11 @@ class JudgeClient:
             return json.loads(path.read_text())["reply"]
         reply = self._post(system, prompt)
         self.stats["calls"] += 1
-        atomic_write_json(path, {"reply": reply, "model": self.config.model, "rubric_version": str(version)})
+        if reply is None:  # a 200 that is not a chat completion: invalid, and asked again next time
+            self.stats["malformed"] += 1
+            return ""
+        atomic_write_json(path, {"reply": reply, "model": self.config.model, "url": self.config.base_url,
+                                 "rubric_version": str(version)})
         return reply
 
     def ask_all(self, system: str, prompts: list[str], version) -> list[str]:

@@ -1,8 +1,10 @@
 """Rubric judging: a versioned YAML rubric (``eval/judges/<name>.yaml``), pointwise and pairwise.
 
 Pointwise: the judge scores one answer ``low..high`` on each criterion (the paper's five, 0–2,
-total /10). The reply must hold one JSON object with every criterion an integer in range; anything
-else is **invalid**: counted and reported, never scored. Pairwise (as MT-Bench): the judge sees
+total /10). The reply must hold exactly one JSON object with every criterion an integer in range;
+anything else is **invalid**: counted and reported, never scored. The answer reaches the judge
+between ``<<<ANSWER`` / ``ANSWER>>>`` lines (markers inside it are taken out), and the rubric's
+example reply has ``<score>`` placeholders, so a judge that echoes the prompt gives no verdict. Pairwise (as MT-Bench): the judge sees
 A and B, then B and A; a side wins only if it wins in both orders, else it is a tie (position
 bias cancels out); unparseable verdicts are counted invalid.
 """
@@ -53,11 +55,11 @@ def load_rubric(name: str, folder: Path | None = None) -> Rubric:
 
 def parse_scores(reply: str, rubric: Rubric) -> dict[str, int] | None:
     """The criteria scores in ``reply``, or ``None`` if it is not one well-formed verdict."""
-    match = re.search(r"\{.*?\}", reply, flags=re.S)
-    if not match:
+    objects = re.findall(r"\{.*?\}", reply, flags=re.S)
+    if len(objects) != 1:  # none, or an echo of the prompt's example beside a verdict
         return None
     try:
-        verdict = json.loads(match.group(0))
+        verdict = json.loads(objects[0])
     except ValueError:
         return None
     if not isinstance(verdict, dict) or set(verdict) != set(rubric.criteria):
@@ -74,9 +76,19 @@ def parse_preference(reply: str) -> str | None:
     return {"a": "A", "b": "B", "tie": "tie"}.get(word)
 
 
+MARKERS = ("<<<ANSWER", "ANSWER>>>")
+
+
+def delimited(answer: str) -> str:
+    """The answer with the markers that bound it in the prompt taken out, so it cannot close its own block."""
+    for marker in MARKERS:
+        answer = answer.replace(marker, "")
+    return answer
+
+
 def judge_answers(client, rubric: Rubric, items: list[dict]) -> dict:
     """Score ``items`` (``{"question", "answer"}``); returns per-item scores and the summary."""
-    prompts = [rubric.prompt.format(question=i["question"], answer=i["answer"]) for i in items]
+    prompts = [rubric.prompt.format(question=i["question"], answer=delimited(i["answer"])) for i in items]
     replies = client.ask_all(rubric.system, prompts, rubric.version)
     scored = [parse_scores(reply, rubric) for reply in replies]
     valid = [s for s in scored if s is not None]
@@ -88,8 +100,10 @@ def judge_answers(client, rubric: Rubric, items: list[dict]) -> dict:
 
 def judge_pairwise(client, rubric: Rubric, items: list[dict]) -> dict:
     """``items``: ``{"question", "a", "b"}``. A side wins an item only by winning in both orders."""
-    forward = [rubric.pairwise_prompt.format(question=i["question"], answer_a=i["a"], answer_b=i["b"]) for i in items]
-    swapped = [rubric.pairwise_prompt.format(question=i["question"], answer_a=i["b"], answer_b=i["a"]) for i in items]
+    forward = [rubric.pairwise_prompt.format(question=i["question"], answer_a=delimited(i["a"]),
+                                             answer_b=delimited(i["b"])) for i in items]
+    swapped = [rubric.pairwise_prompt.format(question=i["question"], answer_a=delimited(i["b"]),
+                                             answer_b=delimited(i["a"])) for i in items]
     first = [parse_preference(r) for r in client.ask_all(rubric.system, forward, rubric.version)]
     second = [parse_preference(r) for r in client.ask_all(rubric.system, swapped, rubric.version)]
     counts = {"a": 0, "b": 0, "tie": 0, "invalid": 0}
