@@ -23,13 +23,10 @@ request alone; the replica stays healthy. A forward pass that fails marks the re
 and Serve replaces it.
 """
 import asyncio  # no "from __future__ import annotations": FastAPI must see the body types, not strings
-import hmac
 import weakref
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -38,47 +35,15 @@ from ..hooks import hook
 from .admission import Admission, in_vocabulary, row_failed
 from .config import ServeArgs, deployment_options, parse_args
 from .generation import BatchDecoder, GenerationRequest
+from .guards import ERROR_TYPES, make_api
 from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
 from .responses import DONE, chat_logprobs, completion_logprobs, public_reason, sse, usage
 from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                       ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionChunk, CompletionRequest,
                       CompletionResponse, DetokenizeRequest, HotPlugRequest, ModelCard, ModelList, TokenizeRequest,
-                      error_body, new_id, validation_error_body)
+                      error_body, new_id)
 
-api = FastAPI(title="modula-ray", description="OpenAI-compatible endpoint for mixtures of LoRA experts")
-api.state.max_body_bytes = ServeArgs.model_fields["max_body_bytes"].default
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout",
-               500: "server_error", 503: "server_overloaded"}
-
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(validation_error_body(exc.errors()), status_code=422)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    code = {401: "invalid_api_key", 408: "timeout", 503: "overloaded"}.get(exc.status_code)
-    return JSONResponse(error_body(str(exc.detail), type_=ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
-                                   code=code), status_code=exc.status_code, headers=exc.headers)
-
-
-@api.middleware("http")
-async def _body_limit(request: Request, call_next):
-    limit, length = api.state.max_body_bytes, request.headers.get("content-length")
-    if request.method == "POST" and length is None:
-        return JSONResponse(error_body("a request body needs a Content-Length header", code="length_required"),
-                            status_code=411)
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse(error_body(f"request body of {length} bytes is over the limit of {limit}",
-                                       code="request_too_large"), status_code=413)
-    return await call_next(request)
-
-
-def _bearer_ok(request: Request, secret: str) -> bool:
-    given = request.headers.get("authorization", "")
-    return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), secret.encode())
+api = make_api()
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -98,6 +63,7 @@ class CompositionServer:
         from modula_ray.serve import app as imported
 
         imported.api.state.max_body_bytes = self.args.max_body_bytes
+        imported.api.state.api_key, imported.api.state.admin_token = self.args.api_key, self.args.admin_token
         self._decode.set_max_batch_size(self.args.max_batch_size)
         self._decode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
@@ -117,11 +83,7 @@ class CompositionServer:
         if self.broken:
             raise RuntimeError(f"a decode failed on this replica: {self.broken}")
 
-    # -- guards ----------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if self.args.api_key and not _bearer_ok(request, self.args.api_key):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <MODULA_RAY_API_KEY>)")
-
+    # -- guards (who may call: the _authorize middleware) -------------------------------------------
     async def _loaded(self, name: str | None) -> Loaded:
         name = name or next(iter(self.sources))
         if name not in self.sources:
@@ -270,13 +232,11 @@ class CompositionServer:
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     @api.get("/v1/models")
-    def list_models(self, request: Request) -> ModelList:
-        self._authorize(request)
+    def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in sorted(self.sources)])
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    async def completions(self, body: CompletionRequest):
         loaded = await self._loaded(body.model)
         prompts = [p if isinstance(p, list) else loaded.tokenizer(p).input_ids for p in body.prompts()]
         requests = [self._generation(loaded, ids, body, body.logprobs, body.echo) for ids in prompts]
@@ -302,10 +262,9 @@ class CompositionServer:
                                   routing=[r.routing for r in results] if body.routing else None)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+    async def chat_completions(self, body: ChatCompletionRequest):
         from ..data.formatting import chat_ids
 
-        self._authorize(request)
         loaded = await self._loaded(body.model)
         ids = chat_ids(loaded.tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -329,32 +288,25 @@ class CompositionServer:
                                       routing=result.routing)
 
     @api.get("/tokenizer_info")
-    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict:
-        self._authorize(request)
+    async def tokenizer_info(self, model: str | None = None) -> dict:
         tokenizer = (await self._loaded(model)).tokenizer
         return {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
                 "chat_template": tokenizer.chat_template, "model_max_length": tokenizer.model_max_length}
 
     @api.post("/tokenize")
-    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict:
-        self._authorize(request)
+    async def tokenize(self, body: TokenizeRequest) -> dict:
         tokens = (await self._loaded(body.model)).tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens.input_ids, "count": len(tokens.input_ids)}
 
     @api.post("/detokenize")
-    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict:
-        self._authorize(request)
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
         tokenizer = (await self._loaded(body.model)).tokenizer
         in_vocabulary(body.tokens, len(tokenizer), "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @api.post("/v1/admin/experts")
-    async def hot_plug(self, body: HotPlugRequest, request: Request) -> dict:
+    async def hot_plug(self, body: HotPlugRequest) -> dict:
         """Load ``run_dir`` again (its new expert and retrained router) and swap it in."""
-        if not self.args.admin_token:
-            raise HTTPException(404, "the admin endpoint is disabled: no admin token is configured")
-        if not _bearer_ok(request, self.args.admin_token):
-            raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <MODULA_RAY_ADMIN_TOKEN>)")
         try:
             run_dir = inside_roots(body.run_dir, self.roots)
         except OutsideRootsError as error:

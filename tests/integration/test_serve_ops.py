@@ -30,6 +30,10 @@ def test_inference_needs_the_api_key_where_one_is_set(served):
         status, body = completion(served.tight, served.name, key=key)
         assert status == 401 and body["error"]["type"] == "authentication_error"
     assert call(served.tight, "/v1/models")[0] == 401 and call(served.tight, "/healthz")[0] == 200
+    assert call(served.tight, "/v1/completions", raw=b'{"not": json')[0] == 401  # who, before what: no 422
+    assert [call(served.tight, path)[0] for path in ("/docs", "/openapi.json")] == [401, 401]
+    status, schema = call(served.tight, "/openapi.json", token=API_KEY)
+    assert status == 200 and "/v1/completions" in schema["paths"]
     answer = openai.OpenAI(base_url=f"{served.tight}/v1", api_key=API_KEY, timeout=60, max_retries=0)
     assert answer.completions.create(model=served.name, prompt="1 +", max_tokens=2).usage.completion_tokens >= 1
     with pytest.raises(openai.AuthenticationError):
