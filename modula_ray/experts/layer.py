@@ -105,6 +105,9 @@ class ExpertLinear(ExpertModule):
         self.domain_scale = s.domain_alpha / s.domain_rank
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else nn.Identity()
         d_in, d_out = base.in_features, base.out_features
+        for name in ("universal_rank", "domain_rank"):  # before anything is allocated (a manifest's rank is bounded)
+            require(getattr(s, name) <= 2 * min(d_in, d_out), name, f"must be at most {2 * min(d_in, d_out)}, twice "
+                    f"the smaller side of the {d_out}x{d_in} weight it adapts, got {getattr(s, name)}")
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.universal = LowRankExpert(d_in, d_out, s.universal_rank, **kw) if "universal" in self.parts else None
         d_read = d_out if self.domain_reads == "h" else d_in

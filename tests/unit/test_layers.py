@@ -180,6 +180,8 @@ def test_experts_are_computed_without_a_python_loop():
     (dict(method="nope"), "method"), (dict(n_domains=0), "n_domains"), (dict(domain_rank=0), "domain_rank"),
     (dict(universal_rank=-1), "universal_rank"), (dict(top_k=5), "top_k"), (dict(temperature=0.0), "temperature"),
     (dict(dropout=1.0), "dropout"),
+    # a rank over the weight's smaller side (a manifest's, say): refused before anything is allocated
+    (dict(universal_rank=10 ** 9), "universal_rank"), (dict(universal_rank=4, domain_rank=10 ** 9), "domain_rank"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_field(kwargs, field):
     args = dict(method="modula_res", n_domains=3) | kwargs

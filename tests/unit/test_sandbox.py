@@ -99,7 +99,8 @@ def test_only_a_program_that_runs_to_its_end_passes():
     """The pass marker carries a nonce the host hands over on stdin, read only after the program ended."""
     assert run_python("print('ok')").passed and run_python("print('ok')").stdout == "ok\n"
     for early in ("exit(0)", "import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit",
-                  f"print({jail.PASS_MARKER!r} + '0' * 32)", "import signal, os\nos.kill(os.getpid(), signal.SIGKILL)"):
+                  f"import os\nprint({jail.PASS_MARKER!r} + '0' * 32)\nos._exit(0)",  # a forged marker, then out
+                  "import signal, os\nos.kill(os.getpid(), signal.SIGKILL)"):
         result = run_python(early)
         assert not result.passed and result.status == "failed", (early, result)
 
