@@ -122,13 +122,16 @@ def _scored(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLog
             for token, value, ids, values in zip(token_ids, chosen, top_ids.tolist(), top_values.tolist())]
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stops if s and s in text]
+def _cut_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
+    """``text`` cut before the first stop string that begins at ``start`` or later (the caller passes
+    where new text could first complete one, so each step searches only the tail: linear overall)."""
+    hits = [at for s in stops if s and (at := text.find(s, start)) >= 0]
     return (text[:min(hits)], True) if hits else (text, False)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might still turn into a stop string or a finished character."""
+    """How many trailing characters might still turn into a stop string or a finished character
+    (each stop is at most ``schemas.MAX_STOP_CHARS`` long, so this is bounded per step)."""
     tail = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
         tail = max([tail] + [k for k in range(1, min(len(stop), len(text)) + 1) if text.endswith(stop[:k])])
@@ -233,7 +236,10 @@ class BatchDecoder:
             self.reasons[row] = "stop"
         else:
             text = self.tokenizer.decode([t for t in self.tokens[row] if t not in self.eos], skip_special_tokens=True)
-            self.texts[row], stopped = _cut_at_stop(text, request.stop)
+            # a stop string not found last step can only end in what is new; decoding may redo the last
+            # few characters (an unfinished UTF-8 character), hence the margin of 4
+            start = max(0, len(self.texts[row]) - max((len(s) for s in request.stop), default=0) - 4)
+            self.texts[row], stopped = _cut_at_stop(text, request.stop, start)
             if stopped:
                 self.reasons[row] = "stop"
             elif len(self.tokens[row]) >= request.max_tokens:

@@ -4,7 +4,7 @@ import torch
 
 from modula_ray.experts import inject, set_stage
 from modula_ray.models import tiny_model
-from modula_ray.serve.generation import BatchDecoder, GenerationRequest, _held_back, generate_batch
+from modula_ray.serve.generation import BatchDecoder, GenerationRequest, _cut_at_stop, _held_back, generate_batch
 from tests.helpers import randomise_experts
 
 PROMPTS = ["What is 3 + 4?", "the patient takes a dose", "def add(a, b): return", "organic apples aisle",
@@ -148,6 +148,12 @@ def test_streamed_deltas_add_up_to_the_final_text_and_never_take_back_a_stop_str
         assert "".join(deltas[row]) == result.text
     assert results[1].text == full[1].text[:full[1].text.find(stop)] and results[0].text == full[0].text
     assert all(stop not in "".join(deltas[1][:i]) for i in range(len(deltas[1]) + 1))
+
+
+def test_the_stop_search_starts_where_new_text_could_complete_one():
+    assert _cut_at_stop("ab\nc\n", ["\n"], start=3) == ("ab\nc", True)
+    assert _cut_at_stop("ab\nc", ["\n"], start=3) == ("ab\nc", False)  # before start: found at an earlier step
+    assert _cut_at_stop("xENDyEND", ["END", "y"], start=2) == ("xEND", True)  # the first that begins at 2 or later
 
 
 def test_held_back_tail_covers_stop_prefixes_and_unfinished_characters():
