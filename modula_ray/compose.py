@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -59,10 +60,17 @@ class Manifest(Mapping):
                              "ledger": []})
 
     @classmethod
-    def read(cls, run_dir) -> "Manifest":
-        """``RUN_DIR/manifest.json``; a missing, malformed or foreign file raises ArtifactError naming it."""
+    def read(cls, run_dir, raw: bytes | None = None) -> "Manifest":
+        """``RUN_DIR/manifest.json`` (or ``raw``, its bytes as the caller already read them: one read
+        for a digest and the load); a missing, malformed or foreign file raises ArtifactError naming it."""
         path = Path(run_dir) / MANIFEST
-        fields = read_json(path)
+        if raw is None:
+            fields = read_json(path)
+        else:
+            try:
+                fields = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ArtifactError(path, f"not valid JSON ({error})") from None
         if not isinstance(fields, dict):
             raise ArtifactError(path, f"holds a JSON {type(fields).__name__}, not a run manifest object")
         missing = [k for k in REQUIRED_KEYS if k not in fields]
@@ -249,12 +257,13 @@ def check_lineage(parts: list[PartRef]) -> None:
                                       f"the universal it was trained over")
 
 
-def load_composition(run_dir, *, dtype: str = "float32"):
+def load_composition(run_dir, *, dtype: str = "float32", manifest: Manifest | None = None):
     """``(model, tokenizer)`` of a finished run: the full mixture (the method's inference stage),
-    in eval mode, after checking the base model's and every expert's lineage."""
+    in eval mode, after checking the base model's and every expert's lineage. ``manifest``: the
+    run's manifest as the caller read it (else read here)."""
     from .experts import method_class
 
-    manifest = Manifest.read(run_dir)
+    manifest = manifest or Manifest.read(run_dir)
     domains = list(manifest["domains"])
     router = manifest["router"]
     if router and router["routed"] != method_class(manifest["method"]).routed_names(domains):

@@ -76,15 +76,16 @@ class Composition:
 
 def load(source: str, *, is_run: bool) -> Loaded:
     """A run folder through ``load_composition`` (lineage and base checked), or a base model alone."""
-    from ..compose import load_composition
+    from ..compose import MANIFEST, Manifest, load_composition
     from ..experts import spec_of
     from ..models import load_base
 
-    from ..fileio import sha256_file
-
-    digest = sha256_file(Path(source) / "manifest.json") if is_run else ""
-    on_disk = _signature_on_disk(source) if is_run else None
-    model, tokenizer = load_composition(source) if is_run else load_base(source)
+    if not is_run:
+        model, tokenizer = load_base(source)
+        return Loaded(model, tokenizer, [], source)
+    raw = (Path(source) / MANIFEST).read_bytes()  # read once: the digest names exactly what is loaded
+    digest, on_disk = hashlib.sha256(raw).hexdigest(), _signature_on_disk(source)
+    model, tokenizer = load_composition(source, manifest=Manifest.read(source, raw))
     experts = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
     return Loaded(model, tokenizer, list(experts), source, digest, plug_on_disk=on_disk)
 

@@ -186,3 +186,12 @@ def test_a_part_path_must_stay_inside_the_run_folder(run, tmp_path, field, path,
     (run.run_dir / "manifest.json").write_text(json.dumps(fields))
     with pytest.raises(ArtifactError, match=message):
         Manifest.read(run.run_dir).parts()
+
+
+def test_a_manifest_read_once_is_the_one_loaded(run):
+    """Hot-plug reads the bytes once, for both its digest and the load (no second read to race)."""
+    raw = (run.run_dir / "manifest.json").read_bytes()
+    (run.run_dir / "manifest.json").write_text("{}")  # rewritten after the read: the read bytes still rule
+    assert Manifest.read(run.run_dir, raw)["run_id"] == json.loads(raw)["run_id"]
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Manifest.read(run.run_dir, b"{nope")
