@@ -166,16 +166,23 @@ class Manifest(Mapping):
         check_lineage(self.parts())
 
     def check_base(self) -> str:
-        """The base model folder, after checking its fingerprint against the recorded one."""
-        from .models import fingerprint
+        """The base model folder, after checking its fingerprints against the recorded ones: config and
+        weights (``sha256``) and, for runs that record it, tokenizer, chat template and generation
+        config (``files_sha256``; runs made before it was recorded are checked on weights alone)."""
+        from .models import files_fingerprint, fingerprint
 
         folder = self["base_model"]["path"]
         if not (Path(folder) / "config.json").is_file():
             raise ArtifactError(self.path, f"base model folder {folder} is missing")
-        actual, recorded = fingerprint(folder), self["base_model"]["sha256"]
-        if actual != recorded:
-            raise ArtifactError(self.path, f"base model {folder} has sha256 {actual[:12]}..., the composition "
-                                           f"was trained on {recorded[:12]}...")
+        checks = [("sha256", fingerprint, "config and weights"),
+                  ("files_sha256", files_fingerprint, "tokenizer, chat template and generation config")]
+        for key, digest, what in checks:
+            recorded = self["base_model"].get(key)
+            if key == "sha256" or recorded is not None:
+                actual = digest(folder)
+                if actual != recorded:
+                    raise ArtifactError(self.path, f"base model {folder}: its {what} hash to {actual[:12]}..., the "
+                                                   f"composition was trained on {str(recorded)[:12]}...")
         return folder
 
     # ---- stages and the cost ledger

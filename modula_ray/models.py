@@ -151,6 +151,23 @@ def fingerprint(folder) -> str:
     return digest.hexdigest()
 
 
+# What decides the text a model reads and writes, besides its weights: the tokenizer, its chat
+# template and the generation settings (EOS ids). A composition records their digest beside the weights'.
+BEHAVIOUR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def files_fingerprint(folder) -> str:
+    """sha256 over the ``BEHAVIOUR_FILES`` the folder holds (name and content): tokenizer, chat template,
+    generation config. A base model whose weights match but whose tokenizer changed is another model."""
+    folder, digest = Path(folder), hashlib.sha256()
+    for name in BEHAVIOUR_FILES:
+        if (folder / name).is_file():
+            digest.update(f"{name}:{sha256_file(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def _lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from ..compose import MANIFEST, ROUTER_SETTINGS, RUN_CONFIG, Manifest
 from ..config import PipelineConfig, dump_config, load_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
-from ..models import base_fingerprint, resolve_base
+from ..models import base_fingerprint, files_fingerprint, resolve_base
 from ..ray_session import connect_ray
 from ..runlock import run_lock
 from .launcher import default_storage, fit_concurrently
@@ -55,7 +55,7 @@ def open_run(config: PipelineConfig, run_dir, *, command: str, write_config: boo
     else:
         manifest = Manifest.create(run_dir, method=config.method, experts=to_dict(config.experts),
                                    base_model={"name": config.base_model, "path": base,
-                                               "sha256": base_fingerprint(base)})
+                                               "sha256": base_fingerprint(base), "files_sha256": files_fingerprint(base)})
     data_dir = Path(config.data.dir).resolve() if config.data.dir else run_dir / "data"
     ensure_data(config, data_dir, config.domains + [config.data.general_domain])
     manifest.record_data(data_dir)

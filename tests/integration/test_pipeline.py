@@ -236,13 +236,20 @@ def test_a_retrained_universal_invalidates_the_experts(tiny_run, tmp_path):
 
 
 def test_a_different_base_model_is_refused(tiny_run, tmp_path):
+    """Other weights, or the same weights with another tokenizer or chat template: another model."""
     run_dir = copy_run(tiny_run[0], tmp_path / "rebased")
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["base_model"]["sha256"] = "0" * 64
+    assert set(manifest["base_model"]) == {"name", "path", "sha256", "files_sha256"}
+    for key, what in (("sha256", "config and weights"), ("files_sha256", "tokenizer, chat template")):
+        changed = json.loads(json.dumps(manifest))
+        changed["base_model"][key] = "0" * 64
+        (run_dir / "manifest.json").write_text(json.dumps(changed))
+        with pytest.raises(ArtifactError, match=rf"base model .*: its {what}.* hash to [0-9a-f]{{12}}\.\.\., the "
+                                                r"composition was trained on 000000000000"):
+            load_composition(run_dir)
+    del manifest["base_model"]["files_sha256"]  # a run made before the files were recorded: weights alone
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=r"base model .* has sha256 [0-9a-f]{12}\.\.\., the composition was "
-                                            r"trained on 000000000000"):
-        load_composition(run_dir)
+    load_composition(run_dir)
 
 
 def test_every_failed_stage2_group_is_reported(tiny_run, ray_local, tmp_path, monkeypatch):

@@ -97,3 +97,16 @@ def test_cli_help_and_base_model_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "modula_ray.cli", "base-model", "nope"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 2 and "unknown name 'nope'" in out.stderr
+
+
+def test_the_files_fingerprint_changes_with_the_tokenizer_chat_template_and_generation_config(tmp_path):
+    from modula_ray.models import files_fingerprint, fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
+    first, weights = files_fingerprint(tmp_path), fingerprint(tmp_path)
+    for name, text in (("tokenizer.json", '{"model": 2}'), ("chat_template.jinja", "{{ messages }}"),
+                       ("generation_config.json", '{"eos_token_id": 7}')):
+        (tmp_path / name).write_text(text)
+        assert files_fingerprint(tmp_path) != first and fingerprint(tmp_path) == weights, name
+        first = files_fingerprint(tmp_path)
