@@ -37,6 +37,7 @@ from .config import ServeArgs, deployment_options, parse_args
 from .generation import BatchDecoder, GenerationRequest
 from .guards import ERROR_TYPES, make_api
 from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
+from .names import REFRESH_S, plugged_names
 from .responses import DONE, chat_logprobs, completion_logprobs, public_reason, sse, usage
 from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                       ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionChunk, CompletionRequest,
@@ -75,6 +76,8 @@ class CompositionServer:
 
         self._compositions = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(
             load_by_name)
+        self.plugged, self.plugged_read_at = plugged_names(serve.get_replica_context().app_name), 0.0
+        await self._read_plugged()  # names plugged before this replica started
         for name in list(self.sources)[:self.args.max_models_per_replica]:
             await self._compositions(name)
 
@@ -84,8 +87,20 @@ class CompositionServer:
             raise RuntimeError(f"a decode failed on this replica: {self.broken}")
 
     # -- guards (who may call: the _authorize middleware) -------------------------------------------
+    async def _read_plugged(self) -> None:
+        """Add the names other replicas plugged (run folders still under this server's roots)."""
+        self.plugged_read_at = asyncio.get_running_loop().time()
+        for name, run_dir in (await self.plugged.all.remote()).items():
+            if name not in self.sources:
+                try:
+                    self.sources[name] = (str(inside_roots(run_dir, self.roots)), True)
+                except OutsideRootsError:
+                    print(f"plugged name {name!r} ignored: {run_dir} is outside this server's roots", flush=True)
+
     async def _loaded(self, name: str | None) -> Loaded:
         name = name or next(iter(self.sources))
+        if name not in self.sources and asyncio.get_running_loop().time() - self.plugged_read_at >= REFRESH_S:
+            await self._read_plugged()
         if name not in self.sources:
             raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.sources)}")
         composition = await self._compositions(name)
@@ -327,6 +342,7 @@ class CompositionServer:
             raise HTTPException(422, f"run_dir: {error}") from None
         self.sources[name] = (str(run_dir), True)
         held.followed = await asyncio.to_thread(record_plug, held.current, self.args.admin_token)
+        await self.plugged.put.remote(name, str(run_dir))  # every replica of this application, now and after restarts
         return {"model": name, "run_dir": str(run_dir), "experts": held.current.experts,
                 "previous_experts": previous.experts if previous else [],
                 "replica": serve.get_replica_context().replica_id.unique_id}

@@ -233,3 +233,33 @@ def test_lm_eval_local_completions_scores_a_task_like_in_process_hflm(served, ti
                                                                          abs=2e-3)
     assert [s["filtered_resps"] for s in samples(served, "serve_gen")] == [
         s["filtered_resps"] for s in samples(local, "serve_gen")]
+
+
+def test_a_name_plugged_on_one_replica_answers_on_every_replica_and_after_a_restart(served):
+    """/pair's two replicas: the admin call reaches one; the name reaches the other through the
+    application's registry, and a replica Serve starts after the first is killed knows it too."""
+    import ray
+
+    status, body = call(served.pair, "/v1/admin/experts", {"run_dir": str(served.plug), "model": "plug-alias"},
+                        token=ADMIN_TOKEN)
+    assert status == 200, body
+    assert [completion(served.pair, "plug-alias")[0] for _ in range(16)] == [200] * 16
+
+    def models_by_replica(tries=40):
+        seen = {}
+        for _ in range(tries):  # each GET lands on a replica Serve picks
+            code, health = call(served.pair, "/healthz")
+            if code == 200:
+                seen[health["replica"]] = health["models"]
+        return seen
+
+    before = models_by_replica()
+    assert len(before) == 2 and all("plug-alias" in models for models in before.values()), before
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "SERVE_REPLICA" in a["name"] and "pair" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    deadline, fresh = time.monotonic() + 120, {}
+    while not fresh and time.monotonic() < deadline:
+        fresh = {r: m for r, m in models_by_replica(10).items() if r not in before}
+        time.sleep(0.5)
+    assert fresh and all("plug-alias" in models for models in fresh.values()), "the new replica forgot the name"
