@@ -105,6 +105,13 @@ class Manifest(Mapping):
         built = read_datasets_json(data_dir)
         self._fields["data"] = {"dir": str(data_dir), "size": built["size"], "seed": built["seed"]}
 
+    def moved(self, old_root, new_root) -> None:
+        """The run was built in ``old_root`` and now lives at ``new_root`` (a staged add-domain): the
+        one absolute path it records, its data folder when inside the run, follows."""
+        data_dir, old_root = self._fields.get("data", {}).get("dir"), str(old_root)
+        if data_dir and (data_dir == old_root or data_dir.startswith(old_root + os.sep)):
+            self._fields["data"]["dir"] = str(new_root) + data_dir[len(old_root):]
+
     def _train_sha256(self, domain: str) -> str:
         from .data.build import DATASETS_JSON, read_datasets_json
 

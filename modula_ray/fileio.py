@@ -83,6 +83,29 @@ def atomic_dir(path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_copy(path, purpose: str):
+    """Yield a copy of folder ``path`` beside it (files hard-linked: writes here replace files, they
+    never edit one in place); on success swap it with ``path`` in one step, as ``atomic_dir`` does.
+    A reader of ``path`` sees the old folder or the new one whole; a failure (or a crash: the next
+    call starts afresh) leaves ``path`` as it was."""
+    path = Path(path)
+    staging = path.parent / f".{path.name}.{purpose}"
+    shutil.rmtree(staging, ignore_errors=True)  # what a crashed attempt left
+    shutil.copytree(path, staging, symlinks=True, copy_function=os.link)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not _exchange(staging, path):
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(staging, path)
+        staging = old
+    shutil.rmtree(staging, ignore_errors=True)  # the old version now
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
     import ctypes

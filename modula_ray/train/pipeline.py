@@ -12,7 +12,7 @@ from pathlib import Path
 from ..compose import MANIFEST, ROUTER_SETTINGS, RUN_CONFIG, Manifest
 from ..config import PipelineConfig, dump_config, load_config, to_dict
 from ..errors import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, staged_copy
 from ..models import base_fingerprint, files_fingerprint, resolve_base
 from ..ray_session import connect_ray
 from ..runlock import run_lock
@@ -177,12 +177,18 @@ def add_domain(name: str, run_dir, *, force: bool = False, command: str = "", ov
         config = dataclasses.replace(config, domains=[d for d in config.domains if d != name] + [name])  # validates
         config.check_base_model()  # the experts (with any overrides) fit the base model, before any worker starts
         connect_ray(run_dir)
-        run, manifest = open_run(config, run_dir, command=command, write_config=False)
-        runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
-        for stage in config.method_class.add_domain_plan:
-            print(f"== {name}: stage {stage} ==", flush=True)
-            runner.fit(STAGE_TASKS[stage](run, [name]))
-        atomic_write_text(run_dir / RUN_CONFIG, dump_config(config, command))  # only once it succeeded
+        # Built beside the run and swapped in whole: a reader, a new replica or a crash never meets a
+        # manifest that lists the new domain before its router is trained.
+        with staged_copy(run_dir, f"adding-{name}") as staging:
+            run, manifest = open_run(config, staging, command=command, write_config=False)
+            runner = Runner(run, manifest, force=True, event=f"add-domain:{name}")
+            for stage in config.method_class.add_domain_plan:
+                print(f"== {name}: stage {stage} ==", flush=True)
+                runner.fit(STAGE_TASKS[stage](run, [name]))
+            atomic_write_text(staging / RUN_CONFIG, dump_config(config, command))
+            staged = Manifest.read(staging)
+            staged.moved(staging, run_dir)
+            staged.save()
         return Manifest.read(run_dir)
 
 

@@ -3,6 +3,7 @@ manifest and ledger, the routing table, re-runs, lineage checks, add-domain, the
 and the cost comparison."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +292,50 @@ def test_add_domain_keeps_existing_experts_byte_identical(added):
     assert model.model.layers[0].self_attn.q_proj.domain.A.shape[0] == 3
     with pytest.raises(ValueError, match="already in the composition"):
         add_domain("finance", run_dir)
+
+
+def test_add_domain_swaps_the_run_in_whole_and_a_failed_one_leaves_it_as_it_was(tiny_run, tmp_path, monkeypatch):
+    """Built beside the folder and swapped in: a reader polling it meanwhile never meets a manifest
+    listing a domain its router was not trained for, nor a part that is missing; an add-domain that
+    fails leaves every byte of the composition as it was, and no staging folder behind."""
+    import threading
+
+    from modula_ray.experts import method_class
+    from modula_ray.train.task import AFTER_STEP_ENV
+
+    run_dir = copy_run(tiny_run[0], tmp_path / "growing")
+    kept = ("manifest.json", "config.yaml", "universal", "experts", "router")
+    composition = lambda: {k: v for k, v in digests(run_dir).items() if k.split("/")[0] in kept}  # noqa: E731
+    before = composition()
+    crash(monkeypatch, "experts", 1)
+    with pytest.raises(StageFailedError):
+        add_domain("finance", run_dir, overrides=["max_failures=0"])
+    assert composition() == before and sorted(p.name for p in tmp_path.iterdir()) == ["growing"]
+    monkeypatch.delenv(AFTER_STEP_ENV)
+
+    seen, wrong, stop = [], [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                manifest = Manifest.read(run_dir)
+                routed = method_class(manifest["method"]).routed_names(list(manifest["domains"]))
+                if manifest["router"]["routed"] != routed or not all(Path(p.path).is_dir() for p in manifest.parts()):
+                    wrong.append(dict(manifest["domains"]))
+                seen.append(list(manifest["domains"]))
+            except (ArtifactError, OSError) as error:
+                wrong.append(repr(error))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        add_domain("finance", run_dir)
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert wrong == [] and ["math", "code"] in seen and seen[-1] == ["math", "code", "finance"], wrong[:3]
+    assert Path(Manifest.read(run_dir)["data"]["dir"]) == Path(tiny_config().data.dir).resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["growing"]
 
 
 def test_molora_add_domain_retrains_all_and_cost_compares(experiment, capsys):

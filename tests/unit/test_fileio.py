@@ -36,3 +36,26 @@ def test_exchange_swaps_two_folders_on_linux(tmp_path):
     (tmp_path / "a" / "f").write_text("a"), (tmp_path / "b" / "f").write_text("b")
     assert _exchange(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "a" / "f").read_text() == "b" and (tmp_path / "b" / "f").read_text() == "a"
+
+
+def test_a_staged_copy_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    import pytest
+
+    from modula_ray.fileio import staged_copy
+
+    run = tmp_path / "run"
+    (run / "part").mkdir(parents=True)
+    (run / "part" / "w").write_text("old")
+    (run / "manifest").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_copy(run, "adding-x") as staging:
+            (staging / "manifest").unlink()
+            (staging / "manifest").write_text("half")  # a new file, never the old one edited
+            raise RuntimeError("a stage failed")
+    assert (run / "manifest").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with staged_copy(run, "adding-x") as staging:
+        (staging / "manifest").unlink()
+        (staging / "manifest").write_text("new")
+        assert (run / "manifest").read_text() == "old"  # nothing shows until the swap
+    assert (run / "manifest").read_text() == "new" and (run / "part" / "w").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

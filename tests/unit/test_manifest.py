@@ -195,3 +195,13 @@ def test_a_manifest_read_once_is_the_one_loaded(run):
     assert Manifest.read(run.run_dir, raw)["run_id"] == json.loads(raw)["run_id"]
     with pytest.raises(ArtifactError, match="not valid JSON"):
         Manifest.read(run.run_dir, b"{nope")
+
+
+def test_a_run_built_in_a_staging_folder_records_its_final_data_folder(run, tmp_path):
+    staging, final = str(run.run_dir), str(tmp_path / "final")
+    run._fields["data"]["dir"] = staging + "/data"
+    run.moved(staging, final)
+    assert run["data"]["dir"] == final + "/data"
+    run._fields["data"]["dir"] = "/shared/data"  # outside the run: left alone
+    run.moved(staging, final)
+    assert run["data"]["dir"] == "/shared/data"
