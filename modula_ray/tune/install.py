@@ -1,16 +1,14 @@
-"""Install a trial's router into its run folder, atomically, keeping the previous one until done.
+"""Install a trial's router into its run folder, in one step.
 
-1. copy the trial's router to ``RUN_DIR/router.new`` and check it (hash, keys) like any part;
-   write the trial's config to ``RUN_DIR/config.yaml.new``;
-2. rename ``router`` to ``router.prev``, then ``router.new`` to ``router``;
-3. ``Manifest.install_router`` writes ``manifest.json`` (router entry with its hyperparameters,
-   metrics and sha256; the layer settings in ``experts``; the search's ledger records): the
-   install is committed;
-4. rename ``config.yaml.new`` to ``config.yaml``, delete ``router.prev``.
+The install is built in a hard-linked copy of the run beside it (``fileio.staged_copy``): the
+trial's router is copied in and checked (hash, keys) like any part, the trial's config written,
+``Manifest.install_router`` records the router entry (hyperparameters, metrics, sha256), the layer
+settings in ``experts`` and the search's ledger records; then the copy is swapped with the run
+folder in one ``renameat2`` exchange. A reader or a new replica sees the old composition or the
+new one, never a router that its manifest does not name; a failure leaves the run as it was.
 
-``recover_router`` finishes or undoes an install that a crash cut short: if the manifest already
-names the router in place (step 3 happened), it does step 4; otherwise the previous router comes
-back and the staged files go.
+``recover_router`` finishes or undoes an install that a crash cut short under the earlier
+protocol (``router.prev``, ``router.new``, ``config.yaml.new`` in the run folder).
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from pathlib import Path
 from ..compose import RUN_CONFIG, Manifest, part_sha256
 from ..config import dump_config
 from ..experts import read_part
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, staged_copy
 
 
 def _paths(run_dir: Path) -> tuple[Path, Path, Path, Path]:
@@ -55,17 +53,16 @@ def install_router(run_dir, source, *, config, hyperparameters: dict, metrics: d
                    command: str) -> Manifest:
     """Put the router part at ``source`` into the run; returns the new manifest."""
     run_dir = Path(run_dir)
-    router, prev, staged, staged_config = _paths(run_dir)
     recover_router(run_dir)
-    shutil.copytree(source, staged)
-    read_part(staged)  # a truncated or altered copy fails here, before anything is replaced
-    atomic_write_text(staged_config, dump_config(config, command))
-    if router.exists():
-        router.rename(prev)
-    staged.rename(router)
-    manifest = Manifest.read(run_dir)
-    manifest.install_router(router, experts=config.experts, routed=config.method_class.routed_names(list(
-        manifest["domains"])), hyperparameters=hyperparameters, metrics=metrics, tuned=tuned, ledger=ledger)
-    staged_config.replace(run_dir / RUN_CONFIG)
-    shutil.rmtree(prev, ignore_errors=True)
-    return manifest
+    with staged_copy(run_dir, "installing-router") as staging:
+        router, staged = staging / "router", staging / "router.new"
+        shutil.copytree(source, staged)
+        read_part(staged)  # a truncated or altered copy fails here, before anything is replaced
+        shutil.rmtree(router, ignore_errors=True)  # the copy's links only: the run keeps its router until the swap
+        staged.rename(router)
+        atomic_write_text(staging / RUN_CONFIG, dump_config(config, command))
+        manifest = Manifest.read(staging)
+        manifest.moved(staging, run_dir)
+        manifest.install_router(router, experts=config.experts, routed=config.method_class.routed_names(list(
+            manifest["domains"])), hyperparameters=hyperparameters, metrics=metrics, tuned=tuned, ledger=ledger)
+    return Manifest.read(run_dir)

@@ -1,6 +1,7 @@
-"""Installing a tuned router (``tune/install.py``) and repairing an install a crash cut short,
-without Ray: after ``recover_router`` the manifest's router entry names the router folder in
-place, complete, and ``config.yaml`` agrees with it: the old router and config, or the new ones."""
+"""Installing a tuned router (``tune/install.py``) without Ray: built in a copy of the run and swapped
+in whole, so a failure at any point leaves the run byte for byte as it was; and ``recover_router``,
+which repairs an install that the earlier protocol's crash cut short: the manifest's router entry
+names the router folder in place, complete, and ``config.yaml`` agrees with it."""
 import hashlib
 import shutil
 
@@ -89,40 +90,26 @@ def test_recover_is_a_no_op_on_a_clean_run(run_dir, trial_router, tuned_config):
     assert snapshot(run_dir) == after
 
 
-def test_a_crash_before_the_manifest_is_written_is_undone(run_dir, trial_router, tuned_config, monkeypatch):
+@pytest.mark.parametrize("when", ["before the manifest is written", "after the manifest is written"])
+def test_a_crash_inside_the_install_leaves_the_run_as_it_was(run_dir, trial_router, tuned_config, monkeypatch,
+                                                             when):
     before, old = snapshot(run_dir), part_sha256(run_dir / "router")
+    commit = Manifest.install_router
 
     def crash(self, *args, **kwargs):
+        if when.startswith("after"):
+            commit(self, *args, **kwargs)
         raise Crash
 
     monkeypatch.setattr(Manifest, "install_router", crash)
     with pytest.raises(Crash):
         install(run_dir, trial_router, tuned_config)
-    # the crash left the new router in place, the old one beside it, the manifest naming the old one
-    assert part_sha256(run_dir / "router") == part_sha256(trial_router)
-    assert (run_dir / "router.prev").is_dir() and (run_dir / "config.yaml.new").is_file()
-    assert recover_router(run_dir) == "undone"
+    assert snapshot(run_dir) == before and recover_router(run_dir) is None  # nothing to repair
+    assert sorted(p.name for p in run_dir.parent.iterdir() if p.name.startswith(".")) == []  # no staging left
     assert_consistent(run_dir, old, "pytest train")
-    assert snapshot(run_dir) == before  # byte for byte the run it was
     monkeypatch.undo()
     install(run_dir, trial_router, tuned_config)  # and the install can simply run again
     assert_consistent(run_dir, part_sha256(trial_router), "pytest tune")
-
-
-def test_a_crash_after_the_manifest_is_written_is_finished(run_dir, trial_router, tuned_config, monkeypatch):
-    commit = Manifest.install_router
-
-    def commit_then_crash(self, *args, **kwargs):
-        commit(self, *args, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(Manifest, "install_router", commit_then_crash)
-    with pytest.raises(Crash):
-        install(run_dir, trial_router, tuned_config)
-    assert (run_dir / "router.prev").is_dir() and (run_dir / "config.yaml").read_text().startswith("# pytest train")
-    assert recover_router(run_dir) == "finished"
-    manifest = assert_consistent(run_dir, part_sha256(trial_router), "pytest tune")
-    assert manifest["experts"]["top_k"] == 1 and [r["run_name"] for r in manifest["ledger"]] == ["trial-t1"]
 
 
 def test_a_crash_between_the_two_renames_brings_the_previous_router_back(run_dir, trial_router):
@@ -142,6 +129,4 @@ def test_a_truncated_trial_router_is_refused_before_anything_is_replaced(run_dir
     tensors.write_bytes(tensors.read_bytes()[:-16])
     with pytest.raises(ArtifactError, match="does not match config.json .*: the file is truncated or was changed"):
         install(run_dir, trial_router, tuned_config)
-    assert (run_dir / "router.new").is_dir()  # the refused copy, where the crash would leave it
-    assert recover_router(run_dir) is None  # nothing was replaced: only the staged copy goes
-    assert snapshot(run_dir) == before
+    assert recover_router(run_dir) is None and snapshot(run_dir) == before  # nothing was replaced
