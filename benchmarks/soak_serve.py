@@ -7,8 +7,10 @@ RUN_DIR (default: the tiny pipeline, ``jobs/configs/tiny.yaml``, trained first i
 folder) is served by ``build_app`` on ``--replicas`` replicas with an admin token. ``--clients``
 threads send requests for ``--seconds``: three in four well-formed (greedy completions, chat,
 streamed completions, tokenize), one in four malformed (each kind a client mistake the endpoint
-must answer with a 4xx). A well-formed request that gets 503 or 408 is retried, at most
-``RETRIES`` times, 0.25 s apart (what a client of a loaded endpoint does); its last status counts.
+must answer with a 4xx). A well-formed request that gets 503 or 408, or a 5xx that is not ours (the
+Serve proxy's plain "Internal Server Error" for a request whose replica died under it; the openai
+client retries 5xx by default too), is retried, at most ``RETRIES`` times, 0.25 s apart; its last
+status counts, and its first is kept.
 At a third of the time one replica is killed (``ray.kill``); at two thirds the folder is
 hot-plugged again through the admin endpoint. Recorded: requests by kind and final status, every
 5xx, the faults, and how long Serve took to run ``--replicas`` healthy replicas again.
@@ -72,18 +74,20 @@ def post(url: str, body, *, raw: bytes | None = None, token: str | None = None, 
 
 def one_request(url: str, model: str, kind: str, malformed: bool) -> dict:
     path, body = (MALFORMED if malformed else WELL_FORMED)[kind]
-    started, tries = time.monotonic(), 0
+    started, tries, first = time.monotonic(), 0, None
     while True:
         tries += 1
         if body is None:
             status, text = post(url + path, None, raw=b'{"model": "' + model.encode() + b'", "prompt": ')
         else:
             status, text = post(url + path, {"model": model} | body)
-        if malformed or status not in (503, 408) or tries > RETRIES:
+        first = first if tries > 1 else status
+        proxy_error = status >= 500 and status != 503 and not text.lstrip().startswith('{"error"')
+        if malformed or not (status in (503, 408) or proxy_error) or tries > RETRIES:
             break
         time.sleep(0.25)
     ok = (400 <= status < 500) if malformed else status == 200 and (not body.get("stream") or "data: [DONE]" in text)
-    return {"kind": kind, "malformed": malformed, "status": status, "tries": tries, "ok": ok,
+    return {"kind": kind, "malformed": malformed, "status": status, "first_status": first, "tries": tries, "ok": ok,
             "seconds": round(time.monotonic() - started, 3), "body": text[:300] if not ok else None}
 
 
@@ -189,6 +193,7 @@ def main() -> int:
         "well_formed_retried": sum(r["tries"] > 1 for r in well),
         "malformed_answered_4xx": sum(r["ok"] for r in bad),
         "any_5xx": sum(r["status"] >= 500 for r in results),
+        "first_try_statuses_of_well_formed": dict(Counter(str(r["first_status"]) for r in well)),
         "faults": faults, "replicas_running_again_after_s": recovered_s, "replica_states_at_end": final_states,
         "by_kind": {k: {**v, "statuses": dict(v["statuses"])} for k, v in sorted(by_kind.items())},
         "p50_s": sorted(r["seconds"] for r in well)[len(well) // 2] if well else None,

@@ -59,12 +59,12 @@ class CompositionServer:
         self.known: weakref.WeakValueDictionary[str, Composition] = weakref.WeakValueDictionary()
         self.in_flight, self.broken, self.background = 0, None, set()
         self.decode_hook = hook(self.args.decode_hook)
-        # Serve ships this class by value, with its own copy of ``api``; the middleware runs from the
-        # imported module, so set the limit on that module's app.
-        from modula_ray.serve import app as imported
+        # Serve ships this class by value, with its own copy of ``api``; the guards run from the
+        # imported module (guards.py), so set what they read there.
+        from modula_ray.serve import guards
 
-        imported.api.state.max_body_bytes = self.args.max_body_bytes
-        imported.api.state.api_key, imported.api.state.admin_token = self.args.api_key, self.args.admin_token
+        guards.STATE.update(max_body_bytes=self.args.max_body_bytes, api_key=self.args.api_key,
+                            admin_token=self.args.admin_token)
         self._decode.set_max_batch_size(self.args.max_batch_size)
         self._decode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
