@@ -24,6 +24,7 @@ def test_generated_requests_never_get_a_5xx(served, tmp_path):
          "--report", "json", "--report-json-path", str(report), "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    summary = json.loads(report.read_text())
-    print(json.dumps(summary, indent=1)[:1500])
+    summary = json.loads(report.read_text())  # every route tried, hundreds of cases (620 here), none failing
+    assert summary["operations"]["tested"] == summary["operations"]["total"] >= 8, summary["operations"]
+    assert summary["test_cases"]["generated"] >= 200 and summary["test_cases"]["with_failures"] == 0, summary
     assert call(served.tight, "/healthz", token=API_KEY)[1]["replica"] == replica  # the same replica serves on
