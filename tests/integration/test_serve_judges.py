@@ -51,7 +51,7 @@ class Scripted(BaseHTTPRequestHandler):
             self.wfile.write(b'{"error": {"message": "bad"}}')
             return
         if "Answer B" in prompt:  # pairwise: prefer the answer that mentions "Fresh", in either position
-            a_part = prompt.split("Answer A:")[1].split("Answer B:")[0]
+            a_part = prompt.split("Answer A")[1].split("Answer B")[0]
             reply = "A" if "Fresh" in a_part else "B"
         else:
             reply = 'Scores: {"helpfulness": 2, "relevance": 2, "accuracy": 1, "readability": 2, "fluency": 2}'
@@ -94,7 +94,7 @@ def test_the_judge_suite_answers_judges_and_reports_which_judge_scored(served, t
     monkeypatch.setenv("MODULA_RAY_JUDGE_MODEL", "nonexistent")
     assert main(["eval", str(run_dir), "--suite", "judge", "--limit", "2", "--judge-model", "tiny-llama"]) == 0
     entry = json.loads((run_dir / "eval" / "results.json").read_text())["suites"]["judge"]
-    assert entry["judge"] == f"tiny-llama at {served.url}/v1" and entry["rubric"] == "ecommerce_generation v1.0"
+    assert entry["judge"] == f"tiny-llama at {served.url}/v1" and entry["rubric"] == "ecommerce_generation v1.1"
     assert entry["composition"]["judged"] == 2 and entry["composition"]["invalid"] == 2  # random judge: no JSON
     assert entry["pairwise"]["judged"] == 2 and entry["pairwise"]["invalid"] + entry["pairwise"]["tie"] == 2
     from modula_ray.evaluation.report import write_report

@@ -93,6 +93,18 @@ def test_a_request_past_its_timeout_gets_408_and_frees_its_row(served):
     assert status == 200 and body["usage"]["completion_tokens"] <= 2, body
 
 
+def test_a_stream_past_its_timeout_ends_with_its_408_event_and_done(served):
+    """The timeout is checked between events, not by cancelling whatever awaits: the stream still
+    says why it ended, and ends with [DONE]."""
+    request = urllib.request.Request(f"{served.tight}/v1/completions", method="POST", data=json.dumps(
+        {"model": served.name, "prompt": "1 2 3", "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout", events[-3:]
+    assert len(events) > 3  # it streamed before the deadline
+
+
 def replicas(app: str) -> set[str]:
     import ray
 
