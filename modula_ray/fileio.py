@@ -72,15 +72,7 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
-        os.replace(tmp, path)
-    elif _exchange(tmp, path):
-        shutil.rmtree(tmp, ignore_errors=True)  # holds the old version now
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+    _replace_dir(tmp, path)
 
 
 @contextlib.contextmanager
@@ -98,12 +90,22 @@ def staged_copy(path, purpose: str):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not _exchange(staging, path):
+    _replace_dir(staging, path)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Put folder ``new`` at ``path`` and delete what was there: one ``renameat2`` exchange, or, where
+    the file system cannot exchange, the old one moved aside first."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if _exchange(new, path):
+        old = new  # holds the old version now
+    else:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / path.name)
-        os.replace(staging, path)
-        staging = old
-    shutil.rmtree(staging, ignore_errors=True)  # the old version now
+        os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
