@@ -56,6 +56,7 @@ DEFAULT_RUNS = {  # device -> [(shape, seq, batch)]
              ("smollm2-1.7b", 2048, 4)],
 }
 METHODS = ["base", "peft_lora", "lora", "molora", "modula_flan", "modula_res", "mode"]
+SERVABLE = ["lora", "molora", "modula_flan", "modula_res"]  # experts/serving.py
 OURS = METHODS[2:]
 # glibc returns freed blocks above 32 MiB to the OS and faults them in again on the next step: a
 # quarter of a CPU step, and +-15% noise between rounds. Keeping freed memory in the heap removes both.
@@ -246,9 +247,17 @@ def bench_shape(shape, seq, batch_size, methods, args, peak):
                         "mfu": round(flops / step / peak, 4)}
     if args.inference:  # interleaved like the training rounds: every round runs each model once
         live = [m for m in models if m not in errors]
-        timings = {m: [] for m in live}
         for method in live:
             models[method][0].eval()
+        if args.serving:  # the form a Serve replica decodes with (experts/serving.py), unfolded and folded
+            from modula_ray.experts.serving import serving_form
+
+            for method in [m for m in live if m in SERVABLE]:
+                for fold in (False, True):
+                    served = configure(method, base, args.stage)[0].eval()
+                    models[f"{method}/{'folded' if fold else 'served'}"] = serving_form(served, fold=fold), None
+            live = list(models)
+        timings = {m: [] for m in live}
         for round_ in range(args.warmup + args.repeats):
             for method in live[round_ % len(live):] + live[:round_ % len(live)]:
                 timing = prefill_and_decode(models[method][0], batch, autocast, args.decode_steps)
@@ -315,6 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every configuration (peft too)")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: re-run with glibc keeping freed memory (stable CPU timings); default: as is")
+    parser.add_argument("--serving", action="store_true",
+                        help="with --inference: also time each LoRA method's serving form, unfolded and folded")
     parser.add_argument("--decode-steps", type=int, default=16, help="greedy steps timed after each prefill")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="time the training step (--no-train: inference only)")
