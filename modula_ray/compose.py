@@ -225,16 +225,17 @@ class Manifest(Mapping):
 
 
 def build_model(base_model: str, method: str, domains: list[str], experts: dict, *, load=(), stage: str = "router",
-                dtype: str = "float32"):
+                dtype: str = "float32", share_base: bool = False):
     """``(model, tokenizer)``: ``experts`` is the run's ``experts:`` mapping (a manifest's or a task's,
-    read by ``config.experts_config``); ``load`` lists the ``PartRef``s to load, in order."""
+    read by ``config.experts_config``); ``load`` lists the ``PartRef``s to load, in order;
+    ``share_base``: over the process's one copy of the base weights (``models.load_base``)."""
     import torch
 
     from .config import experts_config
     from .experts import inject, load_part, set_stage
     from .models import load_base
 
-    model, tokenizer = load_base(base_model, dtype=getattr(torch, dtype))
+    model, tokenizer = load_base(base_model, dtype=getattr(torch, dtype), share=share_base)
     inject(model, method, domains, experts_config(method, experts))
     for ref in load:
         load_part(model, ref.part, ref.path, domain=ref.domain)
@@ -271,10 +272,10 @@ def check_lineage(parts: list[PartRef]) -> None:
                                       f"the universal it was trained over")
 
 
-def load_composition(run_dir, *, dtype: str = "float32", manifest: Manifest | None = None):
+def load_composition(run_dir, *, dtype: str = "float32", manifest: Manifest | None = None, share_base: bool = False):
     """``(model, tokenizer)`` of a finished run: the full mixture (the method's inference stage),
     in eval mode, after checking the base model's and every expert's lineage. ``manifest``: the
-    run's manifest as the caller read it (else read here)."""
+    run's manifest as the caller read it (else read here); ``share_base``: see ``build_model``."""
     from .experts import method_class
 
     manifest = manifest or Manifest.read(run_dir)
@@ -286,5 +287,6 @@ def load_composition(run_dir, *, dtype: str = "float32", manifest: Manifest | No
     manifest.check_lineage()
     base = manifest.check_base()
     model, tokenizer = build_model(base, manifest["method"], domains, manifest["experts"], load=manifest.parts(),
-                                   stage=method_class(manifest["method"]).inference_stage, dtype=dtype)
+                                   stage=method_class(manifest["method"]).inference_stage, dtype=dtype,
+                                   share_base=share_base)
     return model.eval(), tokenizer

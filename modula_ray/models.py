@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 from .errors import ConfigError, MissingPackageError
@@ -213,15 +214,31 @@ def base_fingerprint(name_or_folder: str) -> str:
     return fingerprint(folder)
 
 
-def load_base(name_or_folder: str = "smollm2-135m", *, dtype=None, device=None):
-    """Load ``(model, tokenizer)`` from a registered name or an HF folder, in eval mode."""
+_SHARED: dict = {}                  # (folder, dtype, device) -> the base whose frozen weights copies share
+_SHARED_LOCK = threading.Lock()
+
+
+def load_base(name_or_folder: str = "smollm2-135m", *, dtype=None, device=None, share: bool = False):
+    """Load ``(model, tokenizer)`` from a registered name or an HF folder, in eval mode. With
+    ``share``, the weights are read once per process and every model returned shares them (its own
+    modules, the same frozen tensors): a server holds one base however many compositions use it."""
+    import copy
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_base(name_or_folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if share:
+        with _SHARED_LOCK:
+            key = (folder, str(dtype or torch.float32), str(device))   # None and float32 are one base
+            if key not in _SHARED:
+                _SHARED[key] = load_base(folder, dtype=dtype, device=device)[0].requires_grad_(False)
+            base = _SHARED[key]
+        return copy.deepcopy(base, memo={id(p): p for p in base.parameters()}), tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "float32")
     if device is not None:
         model = model.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

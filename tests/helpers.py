@@ -67,3 +67,25 @@ def saved_run(run_dir, model, config):
                            routed=config.method_class.routed_names(config.domains), hyperparameters={"lr": 0.01})
     manifest.save()
     return manifest
+
+
+def compositions_over_one_base(specs=(("modula_res", ["math", "code", "medicine"]),
+                                      ("modula_flan", ["math", "code", "medicine", "finance"]),
+                                      ("lora", ["all"]))):
+    """The tiny base and one composition per ``(method, domains)`` over its very weights (as
+    ``load_base(share=True)`` gives them), random experts, each in serving form."""
+    import copy
+
+    from modula_ray.experts import inject, method_class, set_stage
+    from modula_ray.experts.serving import serving_form
+    from modula_ray.models import tiny_model
+
+    base, tokenizer = tiny_model()
+    models = []
+    for seed, (method, domains) in enumerate(specs):
+        model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+        inject(model, method, domains, universal_rank=4, domain_rank=2)
+        randomise_experts(model, seed=seed + 1, scale=0.3)
+        set_stage(model, method_class(method).inference_stage)
+        models.append(serving_form(model.eval()))
+    return base.eval(), tokenizer, models

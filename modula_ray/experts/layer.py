@@ -259,6 +259,15 @@ class ExpertLinear(ExpertModule):
             return z * self.domain_scale
         return z * (gates @ self.gate_expansion.to(gates.dtype))
 
+    def serving(self, fold: bool = False):
+        """This layer's ``serving.ServingLinear`` at its inference stage (``fold``: the universal expert
+        merged into a new W0 where the maths allows), or None to keep the trained form."""
+        return None
+
+    def serving_mixes(self) -> bool:
+        """The mixture runs with the layer's own router (not stage 2 alone, not a router per block)."""
+        return self.mixing and self.router is not None
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``y - (W0 x + b0)``: what the experts add (DESIGN §3), from the rank code."""
         code, up = self.rank_code(x)

@@ -1,7 +1,8 @@
 """The serving form of a composed model: its expert layers rebuilt for inference, once, at load.
 
 ``serving_form(model, fold=False)`` replaces each LoRA-shaped expert layer of a finished model
-(at its ``inference_stage``) by a ``ServingLinear`` whose weight products are computed once, so a
+(at its ``inference_stage``) by a ``ServingLinear`` whose weight products are computed once (each
+method's ``serving(fold)``, in its own file, builds it), so a
 decode step runs three matmuls and a few elementwise ops per projection and no Python around
 them. The run folder is never touched; the trained tensors are dropped from the model.
 
@@ -37,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import ExpertLinear
-from .methods.modula_res import NEGATIVE_SLOPE
 
 
 class ServingLinear(nn.Module):
@@ -74,41 +74,16 @@ class ServingLinear(nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _read(*rows: torch.Tensor) -> torch.Tensor:
+def side_by_side(*rows: torch.Tensor) -> torch.Tensor:
     """``[d_in, sum of rows]``: the matrices that read x, side by side, for ``x @ read``."""
     return torch.cat(rows).T.contiguous()
 
 
-@torch.no_grad()
-def serving_linear(layer: ExpertLinear, fold: bool = False) -> ServingLinear | None:
-    """The serving form of one trained layer at its inference stage, or None (kept as trained)."""
-    method, weight, bias = layer.method, layer.base.weight, layer.base.bias
-    if method == "lora":
-        A, B, s = layer.universal.A, layer.universal.B, layer.universal_scale
-        if fold:
-            return ServingLinear(weight + s * (B @ A), bias, folded=True)
-        return ServingLinear(weight, bias, _read(s * A), (A.shape[0], 0), up=B.T.contiguous())
-    if not layer.mixing or layer.router is None:  # stage 2 alone, or a router per block
-        return None
-    router, expand = layer.router, layer.gate_expansion            # [n_routed, R]: each expert's scale on its ranks
-    columns, scales = expand.argmax(dim=0), expand.sum(dim=0)
-    if method == "molora":
-        return ServingLinear(weight, bias, _read(layer.domain.flat_A, router.weight), (0, expand.shape[1]), router,
-                             columns, (layer.domain.flat_B * scales).T.contiguous())
-    if method == "modula_flan":
-        up = torch.cat([layer.universal.B, layer.domain.flat_B], dim=1) * scales
-        return ServingLinear(weight, bias, _read(layer.universal.A, layer.domain.flat_A, router.weight),
-                             (0, expand.shape[1]), router, columns, up.T.contiguous())
-    if method == "modula_res":
-        A, B, s = layer.universal.A, layer.universal.B, layer.universal_scale
-        K = layer.domain.flat_A @ B @ (s * A)               # A_i h = A_i B* (s* A* x)
-        ranks, domain_up = (layer.n_domains, layer.domain.rank), layer.domain.flat_B * layer.domain_scale
-        if fold:
-            return ServingLinear(weight + s * (B @ A), bias, _read(K, router.weight), (0, K.shape[0]), router, None,
-                                 domain_up.T.contiguous(), NEGATIVE_SLOPE, folded=True, ranks=ranks)
-        return ServingLinear(weight, bias, _read(s * A, K, router.weight), (A.shape[0], K.shape[0]), router, None,
-                             torch.cat([B, domain_up], dim=1).T.contiguous(), NEGATIVE_SLOPE, ranks=ranks)
-    return None
+def gated_columns(layer: ExpertLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each gated rank column: the routed expert it belongs to and that expert's scale (from the
+    layer's ``gate_expansion``), so the gates reach the ranks by one index and the scales go into U."""
+    expand = layer.gate_expansion
+    return expand.argmax(dim=0), expand.sum(dim=0)
 
 
 def serving_form(model: nn.Module, fold: bool = False) -> nn.Module:
@@ -118,7 +93,11 @@ def serving_form(model: nn.Module, fold: bool = False) -> nn.Module:
 
     model.modula_serving_routers = list(routers(model).values())
     for path, layer in expert_layers(model).items():
-        if not isinstance(layer, ExpertLinear) or (served := serving_linear(layer, fold)) is None:
+        if not isinstance(layer, ExpertLinear):
+            continue
+        with torch.no_grad():
+            served = layer.serving(fold)
+        if served is None:
             continue
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, served)

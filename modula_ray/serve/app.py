@@ -8,11 +8,13 @@
 | ``GET /tokenizer_info``, ``POST /tokenize``, ``/detokenize`` | lm-eval's remote tokenizer |
 | ``POST /v1/admin/experts`` | hot-plug a run folder after ``modula-ray add-domain`` (bearer admin token) |
 
-Requests from different compositions and domains meet in ``@serve.batch``: one
-``BatchDecoder`` per loaded model over the batch, stepped token by token (so a row can stream),
-the router mixing the experts for every token of every row. Compositions live in a
-``serve.multiplexed`` LRU per replica; a hot-plug swaps the loaded model between batches, and a
-batch keeps the model it started with, so nothing in flight is dropped.
+Requests from different compositions and domains meet in the replica's ``Engine`` (continuous
+batching, ``engine.py``): rows join and leave the running batch at every step, and the rows of every
+composition over one base (and of that base alone) run one forward per step (``bank.py``), stepped
+token by token (so a row can stream), the router mixing the experts for every token of every row.
+Compositions live in a ``serve.multiplexed`` LRU per replica and share their base model's weights; a
+hot-plug swaps the loaded model between steps, and a request keeps the model it started with, so
+nothing in flight is dropped.
 
 Errors are OpenAI's ``{"error": {...}}``: 401 (API key or admin token), 403 (hot-plug outside the
 roots), 404 (unknown model; admin without a token configured), 408 (past ``request_timeout_s``),
@@ -34,7 +36,8 @@ from ..errors import ModulaError
 from ..hooks import hook
 from .admission import Admission, in_vocabulary, row_failed
 from .config import ServeArgs, deployment_options, parse_args
-from .generation import BatchDecoder, GenerationRequest
+from .engine import Engine
+from .generation import GenerationRequest
 from .guards import ERROR_TYPES, make_api
 from .hotplug import Composition, Loaded, OutsideRootsError, inside_roots, load, plugged_elsewhere, record_plug
 from .names import REFRESH_S, plugged_names
@@ -57,20 +60,19 @@ class CompositionServer:
         self.sources = {Path(r).name: (r, True) for r in self.args.runs} | {b: (b, False) for b in self.args.base}
         self.roots = [*self.args.runs, *self.args.admin_roots]
         self.known: weakref.WeakValueDictionary[str, Composition] = weakref.WeakValueDictionary()
-        self.in_flight, self.broken, self.background = 0, None, set()
-        self.decode_hook = hook(self.args.decode_hook)
+        self.in_flight, self.background = 0, set()
+        self.engine = Engine(self.args.max_batch_size, self.args.prefill_tokens, hook(self.args.decode_hook))
         # Serve ships this class by value, with its own copy of ``api``; the guards run from the
         # imported module (guards.py), so set what they read there.
         from modula_ray.serve import guards
 
         guards.STATE.update(max_body_bytes=self.args.max_body_bytes, api_key=self.args.api_key,
                             admin_token=self.args.admin_token)
-        self._decode.set_max_batch_size(self.args.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
         async def load_by_name(name: str) -> Composition:
             source, is_run = self.sources[name]
-            composition = Composition(name, await asyncio.to_thread(load, source, is_run=is_run))
+            loaded = await asyncio.to_thread(load, source, is_run=is_run, fold=self.args.fold_universal)
+            composition = Composition(name, loaded)
             self.known[name] = composition  # weakly: the multiplexed LRU decides what stays loaded
             return composition
 
@@ -83,8 +85,8 @@ class CompositionServer:
 
     def check_health(self) -> None:
         """Serve calls this every ``health_check_period_s``; raising makes Serve replace the replica."""
-        if self.broken:
-            raise RuntimeError(f"a decode failed on this replica: {self.broken}")
+        if self.engine.broken:
+            raise RuntimeError(f"a decode failed on this replica: {self.engine.broken}")
 
     # -- guards (who may call: the _authorize middleware) -------------------------------------------
     async def _read_plugged(self) -> None:
@@ -115,7 +117,8 @@ class CompositionServer:
     async def _follow(self, composition: Composition) -> None:
         """Load what another replica hot-plugged, and swap it in; on failure keep serving the old."""
         try:
-            composition.swap(await asyncio.to_thread(load, composition.current.source, is_run=True))
+            composition.swap(await asyncio.to_thread(load, composition.current.source, is_run=True,
+                                                    fold=self.args.fold_universal))
         except Exception as error:  # noqa: BLE001 - a bad folder must not take the replica down
             print(f"could not follow the hot-plug of {composition.name}: {error}", flush=True)
         finally:
@@ -146,27 +149,17 @@ class CompositionServer:
 
     # -- generation ------------------------------------------------------------------------------
     async def _events(self, loaded: Loaded, requests: list[GenerationRequest]):
-        """``(index, StepEvent)`` of every request as they come, each request in the shared batch;
-        past ``request_timeout_s`` a 408, raised here, between events (never inside a caller's await)."""
+        """``(index, StepEvent)`` of every request as they come, from the replica's engine (continuous
+        batching); past ``request_timeout_s`` a 408, raised here, between events (never inside a
+        caller's await). A forward that failed raises its error."""
         deadline = asyncio.get_running_loop().time() + self.args.request_timeout_s
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, request: GenerationRequest):
-            try:
-                async for event in self._decode((loaded, request)):
-                    await queue.put((index, event))
-            finally:
-                await queue.put((index, None))
-
-        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
-        try:
-            for _ in range(len(requests)):
-                while (item := await self._next(queue, deadline))[1] is not None:
-                    yield item
-            await asyncio.gather(*tasks)  # surfaces a decode failure
-        finally:
-            for task in tasks:
-                task.cancel()
+        queue, left = self.engine.submit(loaded, requests), len(requests)
+        while left:
+            index, event = await self._next(queue, deadline)
+            if isinstance(event, Exception):
+                raise event
+            left -= event.result is not None
+            yield index, event
 
     async def _next(self, queue: asyncio.Queue, deadline: float):
         try:
@@ -215,30 +208,6 @@ class CompositionServer:
         stream = body()
         weakref.finalize(stream, admission.release)  # a response that never started still gives its slots back
         return StreamingResponse(stream, media_type="text/event-stream")
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _decode(self, items: list[tuple[Loaded, GenerationRequest]]):
-        """One ``BatchDecoder`` per loaded model in the batch, stepped together off the event loop;
-        yields one event per request per step (``StopIteration`` once a request has finished)."""
-        groups: dict[int, list[int]] = {}
-        for index, (loaded, _) in enumerate(items):
-            groups.setdefault(id(loaded), []).append(index)
-        try:
-            if self.decode_hook:
-                self.decode_hook([request for _, request in items])
-            decoders = [(rows, await asyncio.to_thread(BatchDecoder, items[rows[0]][0].model,
-                                                       items[rows[0]][0].tokenizer, [items[i][1] for i in rows]))
-                        for rows in groups.values()]
-            while not all(decoder.done for _, decoder in decoders):
-                events = [StopIteration] * len(items)
-                for rows, decoder in decoders:
-                    if not decoder.done:
-                        for index, event in zip(rows, await asyncio.to_thread(decoder.step)):
-                            events[index] = event if event is not None else StopIteration
-                yield events
-        except Exception as error:
-            self.broken = f"{type(error).__name__}: {error}"
-            raise
 
     # -- endpoints -------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -332,7 +301,8 @@ class CompositionServer:
         held, before = self.known.get(name), self.sources.get(name)
         try:
             if held is not None:  # loaded on this replica: load the new one beside it, then swap
-                previous = held.swap(await asyncio.to_thread(load, str(run_dir), is_run=True))
+                previous = held.swap(await asyncio.to_thread(load, str(run_dir), is_run=True,
+                                                                    fold=self.args.fold_universal))
             else:                 # not loaded here (new, or evicted): the multiplexed cache loads it
                 self.sources[name], previous = (str(run_dir), True), None
                 held = await self._compositions(name)

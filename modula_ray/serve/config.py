@@ -38,8 +38,9 @@ class ServeArgs(BaseModel):
     admin_roots: list[str] = Field(default_factory=list)  # hot-plug may read run folders under these
     admin_token: str | None = None                      # else MODULA_RAY_ADMIN_TOKEN; none: admin is 404
     api_key: str | None = None                          # else MODULA_RAY_API_KEY; none: no key needed
-    max_batch_size: int = Field(8, ge=1, le=256)        # requests per forward (@serve.batch)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_batch_size: int = Field(8, ge=1, le=256)        # rows decoded together (the running batch)
+    prefill_tokens: int = Field(2048, ge=1)             # padded prompt tokens that join in one step
+    fold_universal: bool = False                        # W0 + s* B* A* per composition: faster, a copy of W0
     max_queued_requests: int = Field(32, ge=0)          # waiting beyond a full batch: then 503
     request_timeout_s: float = Field(120.0, gt=0)       # a generation past this: 408
     max_body_bytes: int = Field(1 << 20, ge=1024)       # larger bodies: 413

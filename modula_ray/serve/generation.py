@@ -1,29 +1,38 @@
-"""Batched generation over a composed model: requests from different domains in one forward pass.
+"""Continuous batching over a composed model: rows join and leave the running batch at every step.
 
-``BatchDecoder(model, tokenizer, requests)`` decodes every request together, one ``step()`` per
-token, so a caller can stream; ``generate_batch`` runs it to the end.
+``Decoder(model, tokenizer)`` holds one model's running rows in a KV cache of slots (``slots.py``).
+Each ``step(new)``:
 
-- prompts are **left-padded** to one length; ``position_ids`` count real tokens only, so a row's
-  positions (and so its logits) do not depend on the others' lengths;
-- one prefill forward, then one decode forward per step over the **KV cache**;
-- each request stops on its own: ``max_tokens`` (``finish_reason="length"``), EOS or one of its
-  ``stop`` strings (``"stop"``; the text is cut before the stop string), or ``cancel()`` (the
-  client left: the row stops decoding); with ``ignore_eos`` an EOS is an ordinary (textless)
-  token. A finished row feeds padding until the batch is done;
-- sampling per request: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature), cut
-  to the smallest set whose mass reaches ``top_p``, drawn with the request's own ``seed`` (a
-  ``torch.Generator`` per row, so a request draws the same tokens whatever it is batched with);
+1. **prefill** the ``new`` rows (right-padded to one length, in slots after the running rows), and
+   pick each one's first token from the logits of its own last prompt position;
+2. **pick** every other running row's next token from the last decode's logits;
+3. rows that finished **leave** (their slot is reused at once);
+4. one **decode** forward over every running row, each at its own position.
+
+So a request waits for no other request to finish, and a finished row costs nothing from the next
+step on. ``generate_batch`` runs a fixed set of requests to the end; the Serve replica runs a
+``Decoder`` per loaded model and feeds it new rows as they arrive (``engine.py``).
+
+Per row, whatever it is batched with:
+
+- positions count its own tokens, so its logits do not depend on the others' lengths;
+- it stops on its own: ``max_tokens`` (``finish_reason="length"``), EOS or one of its ``stop``
+  strings (``"stop"``; the text is cut before the stop string), or ``cancel()`` (the client left);
+  with ``ignore_eos`` an EOS is an ordinary (textless) token;
+- sampling: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature), cut to the
+  smallest set whose mass reaches ``top_p``, drawn with the request's own ``seed`` (a
+  ``torch.Generator`` per row);
 - streamed text holds back a tail that could still become a stop string or an unfinished UTF-8
   character, so nothing sent is ever taken back;
 - ``logprobs=k``: log p(token) under the model's own distribution (before temperature) and the
   top ``k``; with ``echo`` the prompt's tokens too, from the prefill (the first has none). The
   EOS token that ends a row is scored like any generated token but never appears in the text;
 - with ``routing=True``, the mean gate per routed expert over the positions that produced the
-  generated tokens (averaged over every router), from ``Router.last_gates``;
-- the prefill keeps the logits of the last position only, unless a row echoes its prompt with
-  logprobs (then every position's: lm-eval's loglikelihood needs them);
+  generated tokens (averaged over every router);
+- only the logits that are needed are computed: the vocabulary projection runs on each new row's
+  last prompt position (every position for a row that echoes logprobs) and on the decoded tokens;
 - a failure inside one row (its seed, its sampling, its text) ends that row alone with
-  ``finish_reason="error"`` and the error; the other rows decode on. A failing forward fails all.
+  ``finish_reason="error"``; the other rows decode on. A failing forward fails the decoder's rows.
 
 The router mixes every expert for every token of every row: the token-level mixture is the
 model's own forward, not a per-request adapter choice.
@@ -33,6 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from .slots import SlotCache, SlotState
 
 
 @dataclass
@@ -90,17 +101,6 @@ class StepEvent:
     result: GenerationResult | None = None
 
 
-def _left_pad(requests: list[GenerationRequest], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)
-    for row, request in enumerate(requests):
-        ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, device=device)
-        mask[row, width - len(request.prompt_ids):] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
 def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
     """The next token of one row from its last logits ``[vocab]``."""
     if request.temperature == 0:
@@ -138,136 +138,212 @@ def _held_back(text: str, stops: list[str]) -> int:
     return tail
 
 
-class BatchDecoder:
-    """Decodes ``requests`` together; ``step()`` returns one ``StepEvent`` (or ``None`` once the
-    row has finished) per request, until ``done``."""
+class Row:
+    """One request's decoding state: its tokens, text, reason, scores and gates."""
 
-    def __init__(self, model, tokenizer, requests: list[GenerationRequest]):
+    def __init__(self, request: GenerationRequest, decoder: "Decoder", member=None):
+        self.request, self.decoder, self.member = request, decoder, member     # member: its model in a bank
+        self.routed, self.routers = decoder.routing_of(member)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.reason, self.error = "", 0, None, None
+        self.gate_sum, self.gate_steps = None, 0
+        self.scores: list[TokenLogprob] = []
+        self.logits: torch.Tensor | None = None          # for the next token
+        self.gates: torch.Tensor | None = None           # the router's gates at that position
+        try:
+            self.generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        except (RuntimeError, ValueError, OverflowError) as error:
+            self.fail(error)
+
+    def fail(self, error: Exception) -> StepEvent:
+        """End this row alone; the batch goes on without it."""
+        self.reason, self.error = "error", f"{type(error).__name__}: {error}"
+        return StepEvent("", self.result())
+
+    def take(self) -> StepEvent:
+        """Pick the next token from ``logits``; the row's event."""
+        request = self.request
+        if request.cancelled:
+            self.reason = "cancelled"
+            return StepEvent("", self.result())
+        try:
+            if self.gates is not None:
+                self.gate_sum = self.gates if self.gate_sum is None else self.gate_sum + self.gates
+                self.gate_steps += 1
+            token = _pick(self.logits, request, self.generator)
+            if request.logprobs is not None:
+                self.scores += _scored(self.logits[None], [token], request.logprobs)
+            return self._advance(token)
+        except Exception as error:  # noqa: BLE001 - one row's failure is that row's alone
+            return self.fail(error)
+
+    def _advance(self, token: int) -> StepEvent:
+        request, eos = self.request, self.decoder.eos
+        self.tokens.append(token)
+        if token in eos and not request.ignore_eos:
+            self.reason = "stop"
+        else:
+            text = self.decoder.tokenizer.decode([t for t in self.tokens if t not in eos], skip_special_tokens=True)
+            # a stop string not found last step can only end in what is new; decoding may redo the last
+            # few characters (an unfinished UTF-8 character), hence the margin of 4
+            start = max(0, len(self.text) - max((len(s) for s in request.stop), default=0) - 4)
+            self.text, stopped = _cut_at_stop(text, request.stop, start)
+            if stopped:
+                self.reason = "stop"
+            elif len(self.tokens) >= request.max_tokens:
+                self.reason = "length"
+        ready = len(self.text) if self.reason else len(self.text) - _held_back(self.text, request.stop)
+        delta, self.sent = self.text[self.sent:ready], max(self.sent, ready)
+        return StepEvent(delta, self.result() if self.reason else None)
+
+    def result(self) -> GenerationResult:
+        request, routing = self.request, None
+        if request.routing and self.gate_steps:
+            routing = {name: round(float(value) / self.gate_steps, 6)
+                       for name, value in zip(self.routed, self.gate_sum)}
+        return GenerationResult(token_ids=self.tokens, text=self.text, finish_reason=self.reason,
+                                prompt_tokens=len(request.prompt_ids), completion_tokens=len(self.tokens),
+                                routing=routing, logprobs=self.scores if request.logprobs is not None else None,
+                                error=self.error)
+
+
+class Decoder:
+    """One model's running rows (continuous batching, see the module docstring)."""
+
+    def __init__(self, model, tokenizer, slots: int = 8, bank=None):
+        """``bank``: a ``bank.Bank`` whose model runs the rows of its members (``step``'s ``members``)."""
         from ..experts import spec_of
 
-        self.model, self.tokenizer, self.requests = model, tokenizer, requests
+        self.bank, self.tokenizer = bank, tokenizer
+        self.model = model = bank.model if bank is not None else model
         self.device = next(model.parameters()).device
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos = {tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])
         self.eos.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
         self.routed = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
-        n = len(requests)
-        self.tokens, self.texts, self.sent = [[] for _ in range(n)], [""] * n, [0] * n
-        self.reasons: list[str | None] = [None] * n
-        self.errors: list[str | None] = [None] * n
-        self.errors_sent = [False] * n
-        self.gate_sums, self.gate_steps = [torch.zeros(len(self.routed)) for _ in range(n)], [0] * n
-        self.scores: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        self.generators = [self._generator(row, r.seed) for row, r in enumerate(requests)]
-        ids, self.mask, self.positions = _left_pad(requests, self.pad_id, self.device)
-        echoed = any(r.echo and r.logprobs is not None for r in requests)
-        with torch.no_grad():
-            self.out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                             logits_to_keep=0 if echoed else 1)
-        for row, request in enumerate(requests):
-            if request.echo and request.logprobs is not None and self.reasons[row] is None:
-                length = len(request.prompt_ids)
-                prompt_logits = self.out.logits[row, ids.shape[1] - length:ids.shape[1] - 1]
-                self.scores[row] = ([TokenLogprob(request.prompt_ids[0], None)]
-                                    + _scored(prompt_logits, request.prompt_ids[1:], request.logprobs))
-
-    def _generator(self, row: int, seed: int | None) -> torch.Generator | None:
-        try:
-            return torch.Generator().manual_seed(seed) if seed is not None else None
-        except (RuntimeError, ValueError, OverflowError) as error:
-            self._fail(row, error)
-            return None
-
-    def _fail(self, row: int, error: Exception) -> StepEvent:
-        """End this row alone; the batch goes on without it."""
-        self.reasons[row], self.errors[row] = "error", f"{type(error).__name__}: {error}"
-        return StepEvent("", self._result(row))
+        self.routers = _routers(model)
+        self.state = SlotState(slots)
+        self.cache = SlotCache(self.state)
+        self.rows: list[Row] = []           # running, in slot order
+        self.backbone, self.head = model.get_decoder(), model.get_output_embeddings()
 
     @property
-    def done(self) -> bool:
-        """Every row finished, and every row that failed has had its event."""
-        return all(reason is not None for reason in self.reasons) and all(
-            sent or reason != "error" for sent, reason in zip(self.errors_sent, self.reasons))
+    def running(self) -> int:
+        return len(self.rows)
+
+    def routing_of(self, member) -> tuple[list[str], list]:
+        """(routed expert names, routers) for a row of ``member`` (None: this decoder's own model)."""
+        from ..experts import spec_of
+
+        if member is None or getattr(member, "modula_spec", None) is None:
+            return (self.routed, self.routers) if member is None else ([], [])
+        return spec_of(member).routed_names(), _routers(member)
 
     @torch.no_grad()
-    def step(self) -> list[StepEvent | None]:
-        """Pick every live row's next token, then run one decode forward if any row goes on."""
-        from ..experts import last_position_gates
-
-        gates = last_position_gates(self.model)
-        next_ids = torch.full((len(self.requests),), self.pad_id, dtype=torch.long, device=self.device)
-        events: list[StepEvent | None] = [None] * len(self.requests)
-        for row, request in enumerate(self.requests):
-            if self.reasons[row] == "error" and not self.errors_sent[row]:
-                self.errors_sent[row], events[row] = True, StepEvent("", self._result(row))
-            if self.reasons[row] is not None:
-                continue
-            if request.cancelled:
-                self.reasons[row] = "cancelled"
-                events[row] = StepEvent("", self._result(row))
-                continue
-            if gates is not None:
-                self.gate_sums[row] += gates[row].cpu()
-                self.gate_steps[row] += 1
-            try:
-                logits = self.out.logits[row, -1]
-                token = _pick(logits, request, self.generators[row])
-                if request.logprobs is not None:
-                    self.scores[row] += _scored(logits[None], [token], request.logprobs)
-                events[row] = self._advance(row, token)
-            except Exception as error:  # noqa: BLE001 - one row's failure is that row's alone
-                events[row] = self._fail(row, error)
-                self.errors_sent[row] = True
-                continue
-            next_ids[row] = token
-        if not self.done:
-            self.mask = torch.cat([self.mask, torch.ones((len(self.requests), 1), dtype=self.mask.dtype,
-                                                         device=self.device)], dim=1)
-            self.positions = self.positions[:, -1:] + 1
-            self.out = self.model(input_ids=next_ids[:, None], attention_mask=self.mask, position_ids=self.positions,
-                                  past_key_values=self.out.past_key_values, use_cache=True)
+    def step(self, new: list[GenerationRequest] = (), members: list | None = None
+             ) -> list[tuple[GenerationRequest, StepEvent]]:
+        """Prefill ``new`` (of ``members``, in a bank), pick a token for every running row, let finished
+        rows go, decode once."""
+        events = []
+        joining = []
+        for request, member in zip(new, members or [None] * len(new)):
+            row = Row(request, self, member)
+            if row.reason is not None:                       # failed before it ran (its seed)
+                events.append((request, StepEvent("", row.result())))
+            else:
+                joining.append(row)
+        if joining:
+            self._prefill(joining)
+        for row in list(self.rows):
+            events.append((row.request, row.take()))
+        for index in reversed(range(len(self.rows))):
+            if self.rows[index].reason is not None:
+                self._leave(index)
+        if self.rows:
+            self._decode()
         return events
 
-    def _advance(self, row: int, token: int) -> StepEvent:
-        request = self.requests[row]
-        self.tokens[row].append(token)
-        if token in self.eos and not request.ignore_eos:
-            self.reasons[row] = "stop"
-        else:
-            text = self.tokenizer.decode([t for t in self.tokens[row] if t not in self.eos], skip_special_tokens=True)
-            # a stop string not found last step can only end in what is new; decoding may redo the last
-            # few characters (an unfinished UTF-8 character), hence the margin of 4
-            start = max(0, len(self.texts[row]) - max((len(s) for s in request.stop), default=0) - 4)
-            self.texts[row], stopped = _cut_at_stop(text, request.stop, start)
-            if stopped:
-                self.reasons[row] = "stop"
-            elif len(self.tokens[row]) >= request.max_tokens:
-                self.reasons[row] = "length"
-        text = self.texts[row]
-        ready = len(text) if self.reasons[row] else len(text) - _held_back(text, request.stop)
-        delta, self.sent[row] = text[self.sent[row]:ready], max(self.sent[row], ready)
-        return StepEvent(delta, self._result(row) if self.reasons[row] else None)
+    def _leave(self, index: int) -> None:
+        moved = self.state.leave(index)
+        if moved is not None:
+            self.rows[index] = self.rows[moved]
+        self.rows.pop()
 
-    def _result(self, row: int) -> GenerationResult:
-        request, steps = self.requests[row], self.gate_steps[row]
-        routing = None
-        if request.routing and steps:
-            routing = {name: round(float(value) / steps, 6) for name, value in zip(self.routed, self.gate_sums[row])}
-        return GenerationResult(token_ids=self.tokens[row], text=self.texts[row], finish_reason=self.reasons[row],
-                                prompt_tokens=len(request.prompt_ids), completion_tokens=len(self.tokens[row]),
-                                routing=routing, logprobs=self.scores[row] if request.logprobs is not None else None,
-                                error=self.errors[row])
+    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+                 ) -> torch.Tensor:
+        if self.bank is not None:
+            self.bank.route([row.member for row in rows], ids.shape[1])
+        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                             use_cache=True).last_hidden_state
+
+    def _prefill(self, rows: list[Row]) -> None:
+        if self.bank is not None:
+            rows = [rows[i] for i in self.bank.group([row.member for row in rows])]
+        lengths = [len(row.request.prompt_ids) for row in rows]
+        ids = torch.full((len(rows), max(lengths)), self.pad_id, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            ids[i, :lengths[i]] = torch.tensor(row.request.prompt_ids, device=self.device)
+        positions, mask = self.state.begin_prefill(lengths, self.device)
+        hidden = self._forward(rows, ids, positions, mask)
+        self.state.end_prefill(lengths)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.head(hidden[torch.arange(len(rows), device=self.device), last])
+        gates = self._gates(rows, last)
+        for i, row in enumerate(rows):
+            row.logits, row.gates = logits[i], None if gates is None else gates[i]
+            request = row.request
+            if request.echo and request.logprobs is not None:
+                prompt_logits = self.head(hidden[i, :lengths[i] - 1])
+                row.scores = ([TokenLogprob(request.prompt_ids[0], None)]
+                              + _scored(prompt_logits, request.prompt_ids[1:], request.logprobs))
+        self.rows += rows
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long, device=self.device)
+        positions, mask = self.state.begin_decode(self.device)
+        logits = self.head(self._forward(self.rows, ids, positions, mask)[:, -1])
+        self.state.end_decode()
+        gates = self._gates(self.rows, None)
+        for i, row in enumerate(self.rows):
+            row.logits, row.gates = logits[i], None if gates is None else gates[i]
+
+    def _gates(self, rows: list[Row], positions: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+        """Each row's gates at ``positions`` (the last by default), averaged over its routers; only
+        when a row asked for its routing."""
+        if not any(row.request.routing and row.routers for row in rows):
+            return None
+        gates = []
+        for i, row in enumerate(rows):
+            at, mine = -1 if positions is None else int(positions[i]), i if self.bank is None else self.bank.local.get(i)
+            picked = [router._last[1][mine, at].detach() for router in row.routers
+                      if row.request.routing and router._last is not None and router._last[1].dim() == 3]
+            gates.append(torch.stack(picked).float().mean(dim=0).cpu() if picked else None)
+        return gates
 
 
-def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    """Decode ``requests`` together to the end (see the module docstring); results in request order."""
+def _routers(model) -> list:
+    from ..experts.inject import routers
+
+    serving = getattr(model, "modula_serving_routers", None)
+    if serving is not None:
+        return list(serving)
+    return list(routers(model).values()) if getattr(model, "modula_spec", None) is not None else []
+
+
+def generate_batch(model, tokenizer, requests: list[GenerationRequest], slots: int | None = None
+                   ) -> list[GenerationResult]:
+    """Decode ``requests`` to the end (see the module docstring); results in request order. With
+    ``slots`` below the number of requests, the rest join as running rows finish."""
     if not requests:
         return []
-    decoder = BatchDecoder(model, tokenizer, requests)
-    results: list[GenerationResult | None] = [None] * len(requests)
-    while not decoder.done:
-        for row, event in enumerate(decoder.step()):
-            if event is not None and event.result is not None:
-                results[row] = event.result
-    return results
+    slots = slots or len(requests)
+    decoder, waiting = Decoder(model, tokenizer, slots), list(requests)
+    results: dict[int, GenerationResult] = {}
+    while waiting or decoder.running:
+        free = slots - decoder.running
+        new, waiting = waiting[:free], waiting[free:]
+        for request, event in decoder.step(new):
+            if event.result is not None:
+                results[id(request)] = event.result
+    return [results[id(request)] for request in requests]

@@ -74,19 +74,23 @@ class Composition:
         return True
 
 
-def load(source: str, *, is_run: bool) -> Loaded:
-    """A run folder through ``load_composition`` (lineage and base checked), or a base model alone."""
+def load(source: str, *, is_run: bool, fold: bool = False) -> Loaded:
+    """A run folder through ``load_composition`` (lineage and base checked), or a base model alone;
+    over the replica's one copy of the base weights, and in serving form (``experts/serving.py``;
+    ``fold``: the universal expert merged into a new W0 of its own)."""
     from ..compose import MANIFEST, Manifest, load_composition
     from ..experts import spec_of
+    from ..experts.serving import serving_form
     from ..models import load_base
 
     if not is_run:
-        model, tokenizer = load_base(source)
+        model, tokenizer = load_base(source, share=True)
         return Loaded(model, tokenizer, [], source)
     raw = (Path(source) / MANIFEST).read_bytes()  # read once: the digest names exactly what is loaded
     digest, on_disk = hashlib.sha256(raw).hexdigest(), _signature_on_disk(source)
-    model, tokenizer = load_composition(source, manifest=Manifest.read(source, raw))
+    model, tokenizer = load_composition(source, manifest=Manifest.read(source, raw), share_base=True)
     experts = spec_of(model).routed_names() if getattr(model, "modula_spec", None) is not None else []
+    serving_form(model, fold=fold)
     return Loaded(model, tokenizer, list(experts), source, digest, plug_on_disk=on_disk)
 
 

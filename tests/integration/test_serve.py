@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -121,6 +122,28 @@ def test_greedy_output_is_the_same_alone_and_batched_across_compositions(served)
     ours = [[ids[tuple(row)] for row in batch if tuple(row) in ids] for batch in batches]
     assert sum(map(len, ours)) == 8 and max(map(len, ours)) >= 2, batches
     assert any(len(set(models_in)) >= 2 for models_in in ours), ours
+
+
+def test_a_short_request_overtakes_a_long_one_continuous_batching(served):
+    """Rows join and leave the running batch at every step: a 2-token request sent while a long
+    generation streams is answered long before that generation ends (a static batch would hold it
+    until the long row finished, or run it to the long row's length)."""
+    import urllib.request
+
+    body = {"model": served.name, "prompt": "the market price", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(served.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as long_stream:
+        assert next(line for line in long_stream if line.startswith(b"data: "))  # the long row is decoding
+        status, short = call(served.url, "/v1/completions", {"model": served.name, "prompt": "x", "max_tokens": 2,
+                                                            "temperature": 0, "ignore_eos": True})
+        short_done = time.monotonic()
+        rest = [line for line in long_stream if line.startswith(b"data: ")]
+        long_done = time.monotonic()
+    assert status == 200 and short["usage"]["completion_tokens"] == 2
+    assert rest[-1].strip() == b"data: [DONE]" and len(rest) > 100  # the long one went on streaming after it
+    assert long_done - short_done > 0.05, (long_done, short_done)
 
 
 def test_echoed_logprobs_are_the_models_own(served):

@@ -27,8 +27,8 @@ def test_bench_layers_tiny_shape_reports_every_configuration(tmp_path, capsys):
     out = tmp_path / "layers.json"
     threads = torch.get_num_threads()
     try:
-        bench.main(["--runs", "tiny:32:2", "--repeats", "3", "--warmup", "1", "--inference", "--malloc", "default",
-                    "--out", str(out)])
+        bench.main(["--runs", "tiny:32:2", "--repeats", "3", "--warmup", "1", "--inference", "--serving",
+                    "--malloc", "default", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
@@ -49,7 +49,8 @@ def test_bench_layers_tiny_shape_reports_every_configuration(tmp_path, capsys):
     assert train["modula_res"]["trainable_params"] > train["molora"]["trainable_params"]
     for phase in ("prefill", "decode"):
         rows = {r["method"]: r for r in result["rows"] if r["phase"] == phase}
-        assert set(rows) == set(bench.METHODS)
+        served = {f"{m}/{form}" for m in bench.SERVABLE for form in ("served", "folded")}  # experts/serving.py
+        assert set(rows) == set(bench.METHODS) | served
         assert rows["peft_lora"]["ratio_vs_peft_lora"] == 1.0 and rows["base"]["ratio_vs_base"] == 1.0
         for row in rows.values():  # interleaved rounds too, so the same pairing
             assert len(row["samples_ms"]) == 3 and row["step_ms"] in row["samples_ms"]

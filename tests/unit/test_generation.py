@@ -4,7 +4,7 @@ import torch
 
 from modula_ray.experts import inject, set_stage
 from modula_ray.models import tiny_model
-from modula_ray.serve.generation import BatchDecoder, GenerationRequest, _cut_at_stop, _held_back, generate_batch
+from modula_ray.serve.generation import Decoder, GenerationRequest, _cut_at_stop, _held_back, generate_batch
 from tests.helpers import randomise_experts
 
 PROMPTS = ["What is 3 + 4?", "the patient takes a dose", "def add(a, b): return", "organic apples aisle",
@@ -126,13 +126,14 @@ def test_routing_reports_the_mean_gate_over_generated_tokens(composed):
 
 def stream(model, tokenizer, requests):
     """Every row's deltas, step by step, and its final result."""
-    decoder, deltas, results = BatchDecoder(model, tokenizer, requests), [[] for _ in requests], [None] * len(requests)
-    while not decoder.done:
-        for row, event in enumerate(decoder.step()):
-            if event is not None:
-                deltas[row].append(event.delta)
-                results[row] = event.result or results[row]
-    return deltas, results
+    decoder, deltas, results = Decoder(model, tokenizer), {id(r): [] for r in requests}, {}
+    events = decoder.step(requests)
+    while events:
+        for request, event in events:
+            deltas[id(request)].append(event.delta)
+            results[id(request)] = event.result or results.get(id(request))
+        events = decoder.step() if decoder.running else []
+    return [deltas[id(r)] for r in requests], [results[id(r)] for r in requests]
 
 
 def test_streamed_deltas_add_up_to_the_final_text_and_never_take_back_a_stop_string(composed):
@@ -183,13 +184,14 @@ def test_echoed_logprobs_match_a_plain_forward_and_do_not_depend_on_the_batch(co
 def test_a_cancelled_row_stops_at_the_next_step_and_the_others_go_on(composed):
     model, tokenizer = composed
     requests = [GenerationRequest(encode(tokenizer, p), max_tokens=30) for p in PROMPTS[:2]]
-    decoder = BatchDecoder(model, tokenizer, requests)
-    decoder.step()
+    decoder = Decoder(model, tokenizer)
+    decoder.step(requests)
     requests[0].cancel()
-    event = decoder.step()[0]
-    assert event.result.finish_reason == "cancelled" and event.result.completion_tokens == 1
-    while not decoder.done:
-        assert decoder.step()[0] is None
+    events = dict((id(r), e) for r, e in decoder.step())
+    assert events[id(requests[0])].result.finish_reason == "cancelled"
+    assert events[id(requests[0])].result.completion_tokens == 1 and decoder.running == 1  # its slot is free
+    while decoder.running:
+        assert all(request is requests[1] for request, _ in decoder.step())
 
 
 @pytest.mark.parametrize("kwargs, message", [({"prompt_ids": []}, "empty prompt"),
@@ -218,11 +220,36 @@ def test_a_row_that_fails_ends_alone_and_the_batch_decodes_on(composed):
     assert alone.finish_reason == "error"
 
 
-def test_the_prefill_keeps_every_position_only_for_echoed_logprobs(composed, monkeypatch):
+def test_only_the_needed_logits_are_computed(composed, monkeypatch):
+    """The vocabulary projection sees each new row's last prompt position (every position only for a
+    row that echoes logprobs) and one position per running row per decode step."""
     model, tokenizer = composed
-    kept = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **kw: kept.append(kw.get("logits_to_keep")) or forward(*a, **kw))
-    BatchDecoder(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]))])
-    BatchDecoder(model, tokenizer, [GenerationRequest(encode(tokenizer, PROMPTS[0]), logprobs=1, echo=True)])
-    assert kept == [1, 0]
+    seen = []
+    decoder = Decoder(model, tokenizer)
+    head = decoder.head
+    decoder.head = lambda hidden: seen.append(tuple(hidden.shape[:-1])) or head(hidden)
+    ids = encode(tokenizer, PROMPTS[0])
+    decoder.step([GenerationRequest(ids, max_tokens=2), GenerationRequest(ids, max_tokens=2, logprobs=1, echo=True)])
+    assert seen == [(2,), (len(ids) - 1,), (2,)]  # prefill: 2 last positions, then the echo row's prompt; decode
+
+
+@pytest.mark.parametrize("grow", [256, 4])
+def test_rows_join_a_running_batch_and_leave_it_with_the_same_tokens_as_alone(composed, grow, monkeypatch):
+    """Continuous batching: with 3 slots for 8 requests of different lengths, rows join as others
+    finish (slots are reused, a moved row keeps its cache), and every row decodes what it decodes alone;
+    with ``grow`` 4 the slot tensors are reallocated many times on the way."""
+    from modula_ray.serve import slots
+
+    monkeypatch.setattr(slots, "GROW", grow)
+    model, tokenizer = composed
+    requests = [GenerationRequest(encode(tokenizer, p), max_tokens=3 + 2 * i) for i, p in enumerate(PROMPTS)]
+    alone = [generate_batch(model, tokenizer, [r])[0] for r in requests]
+    three_slots = generate_batch(model, tokenizer, requests, slots=3)
+    assert [r.token_ids for r in three_slots] == [r.token_ids for r in alone]
+    decoder, late = Decoder(model, tokenizer), GenerationRequest(encode(tokenizer, PROMPTS[5]), max_tokens=6)
+    decoder.step(requests[:2])
+    decoder.step()
+    tokens = [event.result for _, event in decoder.step([late]) if event.result]  # joins at step 3
+    while decoder.running:
+        tokens += [event.result for request, event in decoder.step() if event.result and request is late]
+    assert [r for r in tokens if r.prompt_tokens == len(late.prompt_ids)][-1].token_ids == alone[5].token_ids[:6]

@@ -115,6 +115,24 @@ def test_cached_generation_equals_uncached(tiny):
     assert not torch.equal(cached, base)  # the experts do change the model
 
 
+def test_slot_decoding_equals_generate_rows_joining_and_leaving(tiny, monkeypatch):
+    """mode's expert layers keep caches of their own: over serving's slots they move with the model's,
+    so rows that join late and leave early decode what ``generate`` does alone."""
+    from modula_ray.serve import slots
+    from modula_ray.serve.generation import GenerationRequest, generate_batch
+
+    monkeypatch.setattr(slots, "GROW", 4)  # the caches grow (a copy) several times on the way
+    model, tokenizer = _mode(tiny, seed=5), tiny[1]
+    prompts = [tokenizer(p).input_ids for p in ["the cat sat", "two plus two is", "x", "a b c d e f"]]
+    requests = [GenerationRequest(p, max_tokens=4 + 3 * i, ignore_eos=True) for i, p in enumerate(prompts)]
+    results = generate_batch(model, tokenizer, requests, slots=2)
+    with torch.no_grad():
+        for request, result in zip(requests, results):
+            expected = model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=request.max_tokens,
+                                      do_sample=False, use_cache=True, eos_token_id=None)
+            assert result.token_ids == expected[0, len(request.prompt_ids):].tolist()
+
+
 def test_parts_round_trip_and_mismatches_are_typed_errors(tiny, tmp_path):
     source = _mode(tiny, seed=7)
     save_part(source, "domain", tmp_path / "math", domain="math")

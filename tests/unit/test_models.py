@@ -110,3 +110,31 @@ def test_the_files_fingerprint_changes_with_the_tokenizer_chat_template_and_gene
         (tmp_path / name).write_text(text)
         assert files_fingerprint(tmp_path) != first and fingerprint(tmp_path) == weights, name
         first = files_fingerprint(tmp_path)
+
+
+def test_shared_bases_hold_one_copy_of_the_weights_and_modules_of_their_own():
+    """What a replica does per composition (``load_base(share=True)``): the same frozen tensors, so a
+    further composition costs its adapters; injecting into one model leaves the other as it was."""
+    from modula_ray.experts import inject
+    from modula_ray.models import load_base
+
+    first, _ = load_base("tiny-llama", share=True)
+    second, tokenizer = load_base("tiny-llama", share=True)
+    alone, _ = load_base("tiny-llama")
+    assert first is not second and tokenizer.pad_token is not None
+    pairs = list(zip(first.parameters(), second.parameters()))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.parameters(), alone.parameters()))
+    inject(second, "lora", ["all"], universal_rank=2)
+    assert type(first.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert second.model.layers[0].self_attn.q_proj.base.weight is first.model.layers[0].self_attn.q_proj.weight
+
+
+def test_a_base_served_alone_and_a_composition_share_one_copy_whatever_dtype_spelling():
+    import torch
+
+    from modula_ray.models import load_base
+
+    implicit, _ = load_base("tiny-llama", share=True)
+    explicit, _ = load_base("tiny-llama", dtype=torch.float32, share=True)
+    assert implicit.get_input_embeddings().weight is explicit.get_input_embeddings().weight

@@ -38,3 +38,12 @@ class LoRALinear(ExpertLinear):
     def reference(self, x):
         t = Terms(self)
         return t.base(x) + t.universal(x)
+
+    def serving(self, fold=False):
+        """Folded: ``W0 + s B A``, a plain linear (peft's merge); else one read of ``s A`` and B up."""
+        from ..serving import ServingLinear, side_by_side
+
+        A, B, s = self.universal.A, self.universal.B, self.universal_scale
+        if fold:
+            return ServingLinear(self.base.weight + s * (B @ A), self.base.bias, folded=True)
+        return ServingLinear(self.base.weight, self.base.bias, side_by_side(s * A), (A.shape[0], 0), up=B.T.contiguous())

@@ -168,7 +168,9 @@ class ModeBlock(ExpertModule):
         if own is None:
             from transformers import DynamicCache
 
-            own = self._caches[cache] = [DynamicCache() for _ in self.experts]
+            # a cache that rows join and leave (serving's slots) makes siblings that move with it
+            sibling = getattr(cache, "sibling", DynamicCache)
+            own = self._caches[cache] = [sibling() for _ in self.experts]
         return {**kwargs, "past_key_values": own[j]}
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -47,3 +47,16 @@ class ModulaFlanLinear(ExpertLinear):
         for i in range(t.n):
             y = y + gates[..., i + 1:i + 2] * t.domain(i, x)
         return y
+
+    def serving(self, fold=False):
+        """Never folded: the universal expert is gated by ``g_0(x)``, so ``W0 + s* B* A*`` would still
+        need a ``(g_0 - 1)`` path of the same cost. One read of ``[A*; flat_A; W_R]``, scales in U."""
+        from ..serving import ServingLinear, gated_columns, side_by_side
+
+        if not self.serving_mixes():
+            return None
+        columns, scales = gated_columns(self)
+        up = torch.cat([self.universal.B, self.domain.flat_B], dim=1) * scales
+        return ServingLinear(self.base.weight, self.base.bias,
+                             side_by_side(self.universal.A, self.domain.flat_A, self.router.weight),
+                             (0, len(columns)), self.router, columns, up.T.contiguous())

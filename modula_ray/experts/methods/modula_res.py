@@ -48,3 +48,22 @@ class ModulaResLinear(ExpertLinear):
             refined = t.domain(i, h, lambda z: F.leaky_relu(z, NEGATIVE_SLOPE))
             y = y + (gates[..., i:i + 1] if t.mixing else 1.0) * refined
         return y
+
+    def serving(self, fold=False):
+        """``A_i h = A_i B* (s* A* x)``: the domain experts read ``K = s* flat_A B* A*`` straight from x.
+        Folded, ``W0 + s* B* A*`` carries the universal expert; else ``s* A*`` is read beside K and
+        B* goes up beside the domain experts' B (their scale in it)."""
+        from ..serving import ServingLinear, side_by_side
+
+        if not self.serving_mixes():
+            return None
+        A, B, s, router = self.universal.A, self.universal.B, self.universal_scale, self.router
+        K = self.domain.flat_A @ B @ (s * A)
+        ranks, domain_up = (self.n_domains, self.domain.rank), self.domain.flat_B * self.domain_scale
+        if fold:
+            return ServingLinear(self.base.weight + s * (B @ A), self.base.bias, side_by_side(K, router.weight),
+                                 (0, K.shape[0]), router, None, domain_up.T.contiguous(), NEGATIVE_SLOPE, folded=True,
+                                 ranks=ranks)
+        return ServingLinear(self.base.weight, self.base.bias, side_by_side(s * A, K, router.weight),
+                             (A.shape[0], K.shape[0]), router, None, torch.cat([B, domain_up], dim=1).T.contiguous(),
+                             NEGATIVE_SLOPE, ranks=ranks)

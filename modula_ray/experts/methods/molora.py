@@ -27,3 +27,13 @@ class MoLoRALinear(ExpertLinear):
         for i in range(t.n):
             y = y + (gates[..., i:i + 1] if t.mixing else 1.0) * t.domain(i, x)
         return y
+
+    def serving(self, fold=False):
+        """Nothing to fold (no universal expert): one read of ``[flat_A; W_R]``, the scales in U."""
+        from ..serving import ServingLinear, gated_columns, side_by_side
+
+        if not self.serving_mixes():
+            return None
+        columns, scales = gated_columns(self)
+        return ServingLinear(self.base.weight, self.base.bias, side_by_side(self.domain.flat_A, self.router.weight),
+                             (0, len(columns)), self.router, columns, (self.domain.flat_B * scales).T.contiguous())

@@ -1,0 +1,148 @@
+"""One forward for the rows of every composition over one base: the base's weights plus a bank of adapters.
+
+The compositions a replica serves over the same base model share its frozen weights
+(``models.load_base(share=True)``). A ``Bank`` is one more model over those weights whose adapted
+projections are ``BankLinear``: for a step whose rows belong to compositions ``c_1 .. c_k`` (and
+to the base model alone), each projection computes::
+
+    y = W0 x + b;   y[rows of c] += code_c(x[rows of c]) U_c     for each composition c present
+
+``W0 x`` is one matmul over every row; then the rows are taken grouped by composition (one gather
+of x, one scatter back), and each composition's adapter (``ServingLinear.code``: its own routers
+and gates) runs on its own rows alone, so a step costs the adapters' FLOPs of its rows and no
+more. A row of the base model alone gets nothing added. The router still mixes
+every token of every row: this is S-LoRA's batching of adapters over one base, for token-level
+mixtures.
+
+A composition joins when every projection it adapts is a ``ServingLinear`` over the shared W0
+(not folded) and nothing else in its model differs from the base (so not ``mode``); others run in
+a forward of their own. Members are added when their first row joins and dropped when their last
+row leaves, so a hot-plugged composition's old version stays until its rows finish.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts.serving import ServingLinear
+
+
+def bank_key(model) -> int | None:
+    """The base weights ``model`` shares (its embedding's identity), or None if it cannot join a bank:
+    expert modules still in trained form (``mode``'s blocks, layers routed per block) or a folded W0."""
+    spec = getattr(model, "modula_spec", None)
+    if spec is not None:
+        from ..experts import expert_layers
+
+        if expert_layers(model) or any(
+                getattr(m, "folded", False) for m in model.modules() if isinstance(m, ServingLinear)):
+            return None
+    return id(model.get_input_embeddings().weight)
+
+
+class BankLinear(nn.Module):
+    """``W0 x + b`` plus, per row, its own composition's adapter (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bank: "Bank", path: str):
+        super().__init__()
+        self.weight, self.bias, self.bank, self.path = weight, bias, [bank], path
+        self._cache: tuple = (None, None, None)
+
+    def _joined(self, members: tuple):
+        """(each member's layer or None, with its first column), the members' reads side by side."""
+        if self._cache[0] != members:
+            layers = [self.bank[0].adapters[m].get(self.path) for m in members]
+            offsets = [0]
+            for layer in layers:
+                offsets.append(offsets[-1] + (layer.read.shape[1] if layer is not None else 0))
+            reads = [layer.read for layer in layers if layer is not None]
+            self._cache = (members, list(zip(layers, offsets)), torch.cat(reads, dim=1) if reads else None)
+        return self._cache[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = F.linear(flat, self.weight, self.bias)
+        bank = self.bank[0]
+        if bank.segments:
+            layers, read = self._joined(bank.members)
+            if read is not None:
+                grouped = flat if bank.order is None else flat.index_select(0, bank.order)
+                # decode: every member's read in one matmul over every row (a few ranks and router columns
+                # each: one op instead of one per member); prefill: each member reads its own rows (FLOPs)
+                scores = grouped @ read if x.shape[-2] == 1 else None
+                delta = y if bank.order is None else y.new_zeros(grouped.shape[0], y.shape[1])
+                for (layer, column), (rows, start, end) in zip(layers, bank.segments):
+                    if layer is not None:               # its rows: the up matmul costs its FLOPs only
+                        mine = (grouped[start:end] @ layer.read if scores is None
+                                else scores[start:end, column:column + layer.read.shape[1]])
+                        delta[start:end].addmm_(layer.code(mine, (rows, (end - start) // rows)), layer.up)
+                if bank.order is not None:
+                    y.index_add_(0, bank.order, delta)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class Bank:
+    """A model over the shared base whose adapted projections serve every member at once."""
+
+    def __init__(self, model):
+        """``model``: any model over the base (a member's, or the base alone): the skeleton is a copy
+        sharing its weights, with every projection a member may adapt made a ``BankLinear``."""
+        skeleton = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+        self.model, self.adapters = skeleton, {}
+        self.members: tuple = ()          # with rows in the next forward, in the grouped order
+        self.segments: list = []          # per member: (rows, first token, end token) in the grouped order
+        self.order: torch.Tensor | None = None
+        self.local: dict[int, int] = {}   # row -> its index among its member's rows (routing records)
+        self.layers: dict[str, BankLinear] = {}
+        for path, module in list(skeleton.named_modules()):
+            if isinstance(module, (ServingLinear, nn.Linear)) and path and path != "lm_head" and \
+                    "embed" not in path:
+                parent, _, name = path.rpartition(".")
+                self.layers[path] = BankLinear(module.weight, module.bias, self, path)
+                setattr(skeleton.get_submodule(parent), name, self.layers[path])
+        skeleton.modula_spec = None  # a row's routing comes from its own member's routers
+        skeleton.modula_serving_routers = []
+
+    def join(self, model) -> None:
+        """Add ``model`` (a composition in serving form over this bank's W0) as a member."""
+        if model in self.adapters or getattr(model, "modula_spec", None) is None:
+            return
+        adapters = {path: module for path, module in model.named_modules() if isinstance(module, ServingLinear)}
+        for path, module in adapters.items():
+            if path not in self.layers or module.weight is not self.layers[path].weight:
+                raise ValueError(f"{path}: not a projection over this bank's base weights")
+        self.adapters[model] = adapters
+
+    def leave(self, model) -> None:
+        self.adapters.pop(model, None)
+
+    def group(self, members: list) -> list[int]:
+        """An order of rows of ``members`` that puts each member's rows together, members' rows first
+        (a prefill in this order needs no gather: its rows take their slots in it)."""
+        first = {m: i for i, m in reversed(list(enumerate(members))) if m in self.adapters}
+        return sorted(range(len(members)), key=lambda i: first.get(members[i], len(members)))
+
+    def route(self, members: list, tokens: int) -> None:
+        """The next forward's rows: ``members[i]`` (a member's model, or one that adapts nothing: the base
+        alone) for row ``i``, ``tokens`` each. The rows with adapters are taken grouped by member
+        (``order``: their token indices, None when they already are), each member's a contiguous
+        ``segment`` through which its adapter runs on its own rows alone. ``group`` orders new rows so."""
+        groups: dict = {}
+        for i, member in enumerate(members):
+            if member in self.adapters:
+                groups.setdefault(member, []).append(i)
+        self.segments, self.local, rows, start = [], {}, [], 0
+        self.members = tuple(groups)
+        for member, indices in groups.items():
+            self.segments.append((len(indices), start * tokens, (start + len(indices)) * tokens))
+            self.local.update({i: k for k, i in enumerate(indices)})
+            rows += indices
+            start += len(indices)
+        if rows == list(range(len(rows))):   # already grouped, adapted rows first: slices, no gather
+            self.order = None
+        else:
+            index = torch.tensor(rows)
+            self.order = (index[:, None] * tokens + torch.arange(tokens)).reshape(-1)
