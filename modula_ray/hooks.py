@@ -1,6 +1,7 @@
 """Fault-injection hooks that only tests set: ``{"call": "module:function", **kwargs}`` becomes
 ``function(subject, **kwargs)``, called where the product runs (a Train stage after each optimizer
-step: ``StageTask.after_step``; a Serve batch before it decodes: ``ServeArgs.decode_hook``), so a
+step: ``StageTask.after_step``; a Serve replica's rows as they join the running batch:
+``ServeArgs.decode_hook``), so a
 test can kill a worker or fail a decode in the real process instead of mocking it."""
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class ServeArgs(BaseModel):
     request_timeout_s: float = Field(120.0, gt=0)       # a generation past this: 408
     max_body_bytes: int = Field(1 << 20, ge=1024)       # larger bodies: 413
     max_models_per_replica: int = Field(4, ge=1)        # serve.multiplexed LRU of compositions
-    decode_hook: dict | None = None                     # tests only (hooks.py): called with a batch's requests
+    decode_hook: dict | None = None                     # tests only (hooks.py): called with each step's joiners
 
     @model_validator(mode="after")
     def _something_to_serve(self):

@@ -1,4 +1,4 @@
-"""Continuous batching in a replica: one ``Decoder`` per loaded model, all stepped in one loop.
+"""Continuous batching in a replica: one ``Decoder`` per base model (a bank), all stepped in one loop.
 
 ``submit(loaded, requests)`` queues rows as requests arrive and returns the queue their events come
 on. One asyncio task runs while any row runs or waits; each iteration, off the event loop:
@@ -14,6 +14,9 @@ on. One asyncio task runs while any row runs or waits; each iteration, off the e
   each row with its own composition's adapters and routers); a model that cannot join a bank
   (``mode``, a folded W0) runs its rows in a forward of its own in the same iteration;
 - rows leave the moment they finish, and their slots are taken in the next iteration.
+
+``hook`` (tests: ``ServeArgs.decode_hook``) is called with the requests that join in an iteration,
+before their prefill; if it raises, that iteration fails as a forward would.
 
 A request keeps the ``Loaded`` it was submitted with: after a hot-plug the old model's decoder
 finishes its rows and is then dropped, while new requests start on the new one. A forward that
@@ -62,7 +65,7 @@ class Engine:
                     self._deliver(request, event)
         except Exception as error:  # noqa: BLE001 - the loop itself failed: nobody is left waiting forever
             self.broken = f"{type(error).__name__}: {error}"
-            for request_id, (queue, index) in list(self.routes.items()):
+            for queue, index in list(self.routes.values()):
                 queue.put_nowait((index, error))
             self.routes.clear()
             self.waiting.clear()

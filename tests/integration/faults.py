@@ -3,8 +3,9 @@ the worker or replica, from the driver's working directory (the repo root).
 
 - ``crash(monkeypatch, stage, step)`` makes the trainers started afterwards call ``crash_once``
   after every optimizer step (``StageTask.after_step``) in their workers;
-- ``fail_decode_once`` and ``record_batch`` are a Serve app's ``decode_hook``: the first fails one
-  batch's decode (the replica is then broken), the second logs which prompts shared each batch."""
+- ``fail_decode_once`` and ``record_batch`` are a Serve app's ``decode_hook``, called with the rows
+  that join the running batch in one step: the first fails that step (the replica is then broken),
+  the second logs which prompts joined together."""
 import json
 import os
 import time

@@ -116,8 +116,8 @@ def test_greedy_output_is_the_same_alone_and_batched_across_compositions(served)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(at_once, zip(models, prompts)))
     assert together == alone
-    # the main app logs each batch's prompts (decode_hook): the 8 requests did share batches, and a
-    # batch held rows of different compositions
+    # the main app logs the prompts that join the running batch at each step (decode_hook): the 8
+    # requests joined together, and rows of different compositions joined one step (one forward)
     batches = [json.loads(line) for line in served.batches.read_text().splitlines()[logged:]]
     ours = [[ids[tuple(row)] for row in batch if tuple(row) in ids] for batch in batches]
     assert sum(map(len, ours)) == 8 and max(map(len, ours)) >= 2, batches
