@@ -25,6 +25,7 @@ fails fails the rows of its decoder (their requests get the exception) and sets 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 
 from .bank import Bank, bank_key
@@ -37,6 +38,7 @@ class Engine:
         self.waiting: deque = deque()                 # (loaded, request), in arrival order
         self.decoders: dict[int, Decoder] = {}            # per bank (base weights) or per model
         self.banks: dict[int, Bank] = {}                   # kept while the replica lives: cheap to hold
+        self.keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its bank (or None)
         self.routes: dict[int, tuple[asyncio.Queue, int]] = {}
         self.task: asyncio.Future | None = None
         self.broken: str | None = None
@@ -92,14 +94,17 @@ class Engine:
         return joining
 
     def _decoder_for(self, loaded) -> int:
-        key = bank_key(loaded.model)
+        if loaded.model not in self.keys:  # bank_key walks the model's modules: once per model, not per request
+            self.keys[loaded.model] = bank_key(loaded.model)
+        key = self.keys[loaded.model]
         if key is None:
             key = id(loaded.model)
             if key not in self.decoders:
                 self.decoders[key] = Decoder(loaded.model, loaded.tokenizer, self.max_rows)
         elif key not in self.decoders:
-            bank = self.banks.get(key) or self.banks.setdefault(key, Bank(loaded.model))
-            self.decoders[key] = Decoder(None, loaded.tokenizer, self.max_rows, bank=bank)
+            if key not in self.banks:
+                self.banks[key] = Bank(loaded.model)
+            self.decoders[key] = Decoder(None, loaded.tokenizer, self.max_rows, bank=self.banks[key])
         return key
 
     def _step(self, joining: dict[int, list[tuple[GenerationRequest, object]]]) -> list[tuple[GenerationRequest, object]]:
