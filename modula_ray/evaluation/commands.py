@@ -1,12 +1,15 @@
-"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite heldout|routing|specialisation|domain|general|judge|all[,...]``.
+"""``modula-ray eval RUN_DIR [RUN_DIR ...] --suite heldout|mc|routing|specialisation|domain|general|judge|all[,...]``.
 
 With ``RAY_ADDRESS`` naming a cluster and several runs, each run is evaluated by its own Ray task
 (``modula_ray.cli``: this package stays Ray-free).
 
 ``heldout``: the held-out response loss of each test row, nats and scored bytes
-(``RUN/eval/heldout.json``; what ``experiment paper`` bootstraps its intervals from). ``routing``: the mean gate per routed expert on each domain's prompts, and routing accuracy on
-domain tokens per token and per sequence (``RUN/eval/routing.json``). ``specialisation``: each
-routed expert alone (router bypassed) on each domain's held-out rows (``RUN/eval/specialisation.json``).
+(``RUN/eval/heldout.json``; what ``experiment paper`` bootstraps its intervals from). ``mc``:
+multiple-choice accuracy item by item on the held-out MMLU items of the run's domains (or
+``--domains``) and of general MMLU (``RUN/eval/mc.json``). ``routing``: the mean gate per routed
+expert on each domain's prompts, and routing accuracy on domain tokens per token and per sequence
+(``RUN/eval/routing.json``). ``specialisation``: each routed expert alone (router bypassed) on each
+domain's held-out rows (``RUN/eval/specialisation.json``).
 ``domain`` / ``general``: the lm-eval suites (``run.suite_tasks()``) over each composition and its
 base model, merged into ``RUN/eval/results.json``; then ``RUN/eval/report.md`` (and, for several
 runs, a side-by-side report at ``--report``). ``judge``: the composition's and the base model's
@@ -23,8 +26,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-SUITES = ("heldout", "routing", "specialisation", "domain", "general", "judge", "all")
-LOCAL = ("heldout", "routing", "specialisation")  # computed here, not through lm-eval; no report of their own
+SUITES = ("heldout", "mc", "routing", "specialisation", "domain", "general", "judge", "all")
+LOCAL = ("heldout", "mc", "routing", "specialisation")  # computed here, not through lm-eval; no report of their own
 
 
 def _heldout(run_dir, args) -> None:
@@ -34,6 +37,19 @@ def _heldout(run_dir, args) -> None:
     path = save_heldout(Path(run_dir) / "eval", result)
     print(f"held-out response loss (nats per byte), first {args.rows} test rows per domain: "
           + ", ".join(f"{d} {v['nll_per_byte']:.4f}" for d, v in result["domains"].items()))
+    print(f"saved {path}")
+
+
+def _mc(run_dir, args) -> None:
+    from .multiple_choice import GENERAL, run_mc, save_mc
+
+    domains = args.domains.split(",") if args.domains else None
+    result = run_mc(run_dir, rows=args.rows, domains=domains)
+    path = save_mc(Path(run_dir) / "eval", result)
+    scores = [f"{d} {v['accuracy']:.3f} ({v['calibrated_accuracy']:.3f} calibrated) of {len(v['ids'])}"
+              for d, v in result["domains"].items()]
+    print(f"multiple-choice accuracy, up to {args.rows} held-out items per domain ({GENERAL}: MMLU outside every "
+          f"domain): {', '.join(scores)}")
     print(f"saved {path}")
 
 
@@ -55,6 +71,10 @@ def _routing(run_dir, args) -> None:
     print("on domain tokens (prompt body and response), per token / per sequence: "
           + ", ".join(f"{d} {v['token_accuracy']:.2f}/{v['sequence_accuracy']:.2f}"
                       for d, v in layers["domain_tokens"].items()))
+    for domain, measured in layers["domain_tokens"].items():
+        if len(measured["by_kind"]) > 1:
+            print(f"  {domain} per sequence, by kind of row: " + ", ".join(
+                f"{kind} {v['sequence_accuracy']:.2f} of {v['rows']}" for kind, v in measured["by_kind"].items()))
     print(f"saved {path}")
 
 
@@ -98,7 +118,7 @@ def evaluate_run(run_dir, args) -> None:
     suites = [*LOCAL, *tasks, "judge"] if "all" in args.suite else args.suite
     for suite in suites:
         if suite in LOCAL:
-            {"heldout": _heldout, "routing": _routing, "specialisation": _specialisation}[suite](run_dir, args)
+            {"heldout": _heldout, "mc": _mc, "routing": _routing, "specialisation": _specialisation}[suite](run_dir, args)
             continue
         if suite == "judge":
             from .judges.client import JudgeConfig
@@ -158,7 +178,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "eval", help="evaluate finished run folders",
         description="Evaluate finished compositions. 'heldout': the held-out response loss of each test row "
-                    "(RUN/eval/heldout.json). 'routing': the mean gate per routed expert on each "
+                    "(RUN/eval/heldout.json). 'mc': multiple-choice accuracy on held-out MMLU items "
+                    "(RUN/eval/mc.json). 'routing': the mean gate per routed expert on each "
                     "domain's prompts, and routing accuracy on domain tokens (RUN/eval/routing.json). "
                     "'specialisation': each routed expert alone on each domain's held-out rows "
                     "(RUN/eval/specialisation.json). 'domain' and 'general': the lm-eval suites of "
@@ -177,7 +198,10 @@ def add_parser(commands) -> None:
                                                        "(default: FIRST_RUN/eval/side-by-side.md)")
     parser.add_argument("--split", choices=("train", "val", "test"), default="val",
                         help="routing: which split's prompts (default: val)")
-    parser.add_argument("--rows", type=int, default=8, help="heldout, routing, specialisation: rows per domain (default: 8)")
+    parser.add_argument("--rows", type=int, default=8,
+                        help="heldout, mc, routing, specialisation: rows per domain (default: 8)")
+    parser.add_argument("--domains", default=None, help="mc: a comma-separated list of domains to score (default: "
+                                                         "the run's own and general_mmlu)")
     parser.add_argument("--json", action="store_true", help="routing: print the table as JSON")
     parser.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible base URL (else "
                                                           "MODULA_RAY_JUDGE_URL, else http://127.0.0.1:8000/v1); "

@@ -84,12 +84,14 @@ def domain_token_routing(model, tokenizer, rows: list[dict], expert: int, max_le
                          captured: dict) -> dict:
     """One domain's rows (prompt, response) scored on their domain tokens (from ``head`` on):
     ``token_accuracy``, ``sequence_accuracy`` and ``route_nll`` (mean ``-log P(expert)`` over the
-    tokens and routers). ``captured``: the open ``captured_gates`` of ``model``."""
+    tokens and routers); ``by_kind``: rows and sequence accuracy per ``kind`` of row (its generator
+    or task, when rows carry one). ``captured``: the open ``captured_gates`` of ``model``."""
     from ..data.formatting import encode_example
     from ..experts.inject import supervised_routing_loss
 
     hits = tokens = sequences = 0
     nll = 0.0
+    by_kind: dict[str, list[int]] = {}
     for row in rows:
         captured.clear()
         example = encode_example(tokenizer, row["prompt"], row["response"], max_length, route_label=expert,
@@ -98,8 +100,19 @@ def domain_token_routing(model, tokenizer, rows: list[dict], expert: int, max_le
         row_hits, row_tokens, sequence = domain_token_hits(captured, head, expert)
         hits, tokens, sequences = hits + row_hits, tokens + row_tokens, sequences + sequence
         nll += float(supervised_routing_loss(model, torch.tensor([example.route_labels]))) * row_tokens
+        by_kind.setdefault(row.get("kind") or "all", []).append(int(sequence))
     return {"rows": len(rows), "token_accuracy": hits / max(tokens, 1),
-            "sequence_accuracy": sequences / max(len(rows), 1), "route_nll": nll / max(tokens, 1)}
+            "sequence_accuracy": sequences / max(len(rows), 1), "route_nll": nll / max(tokens, 1),
+            "by_kind": {kind: {"rows": len(hit), "sequence_accuracy": sum(hit) / len(hit)}
+                        for kind, hit in sorted(by_kind.items())}}
+
+
+def row_kind(row: dict) -> str:
+    """What produced a row: its generator (reasoning-gym), task (e-commerce) or subject (MMLU), else its source."""
+    import json
+
+    meta = json.loads(row["meta"]) if isinstance(row.get("meta"), str) else (row.get("meta") or {})
+    return str(meta.get("generator") or meta.get("task") or meta.get("subject") or row["source"])
 
 
 def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None
@@ -142,7 +155,8 @@ def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool
     head, on_tokens = shared_head_length(tokenizer), {}
     with torch.no_grad(), captured_gates(model) as captured:
         for domain in tqdm(domains, desc="routing", unit="domain", disable=not progress):
-            split_rows = read_split(split_file(data_dir, domain, split)).select(["prompt", "response"]).to_pylist()[:rows]
+            table_rows = read_split(split_file(data_dir, domain, split)).select(["prompt", "response", "source", "meta"])
+            split_rows = [{**row, "kind": row_kind(row)} for row in table_rows.slice(0, rows).to_pylist()]
             prompts = [row["prompt"] for row in split_rows]
             if domain in targets:
                 on_tokens[domain] = {"expert": names[targets[domain]], **domain_token_routing(

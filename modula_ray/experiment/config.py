@@ -49,7 +49,11 @@ class EvalSettings:
     judge_model: str = "smollm2-135m"        # served by the experiment unless MODULA_RAY_JUDGE_URL names one
     heldout_rows: int = 0                    # held-out response loss, item by item, on N test rows per domain
     specialisation_rows: int = 0             # methods with domain experts, before adding: each alone on N rows
+    mc_rows: int = 0                         # multiple-choice accuracy on N held-out items per MMLU domain and
+                                             #   general MMLU (before adding; the added domain's after adding)
     bootstrap: int = 2000                    # resamples of the held-out items behind each 95% interval
+    dtype: str = "float32"                   # the evaluated models' weights: float32 | bfloat16 (on CPUs with
+                                             #   AVX512-BF16 about 2x faster, losses move ~1%: docs/RESULTS.md)
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
@@ -57,8 +61,9 @@ class EvalSettings:
             require(suite in ("domain", "general"), "suites", f"unknown suite {suite!r}; domain | general")
         require("domain" in self.suites or (self.heldout_rows and not self.suites), "suites",
                 "the domain suite is the experiment's main table (or none at all, with heldout_rows)")
-        for name in ("heldout_rows", "specialisation_rows"):
+        for name in ("heldout_rows", "specialisation_rows", "mc_rows"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.dtype in ("float32", "bfloat16"), "dtype", f"float32 or bfloat16, got {self.dtype!r}")
         require(self.bootstrap >= 100, "bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
         require(self.cpus > 0, "cpus", f"must be > 0, got {self.cpus}")
         require(self.judge_limit >= 0, "judge_limit", f"must be >= 0, got {self.judge_limit}")

@@ -118,6 +118,7 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..compose import Manifest
     from ..evaluation.heldout import run_heldout, save_heldout
     from ..evaluation.lm import ModulaLM
+    from ..evaluation.multiple_choice import GENERAL, run_mc, save_mc
     from ..evaluation.report import save_results
     from ..evaluation.routing import routing_tables, save_routing
     from ..evaluation.run import run_suite
@@ -125,17 +126,20 @@ def do_eval(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..experts import method_class
 
     run_dir = out / part.run
-    model = ModulaLM(run=str(run_dir), batch_size=4)  # loaded once for every suite and the routing
+    model = ModulaLM(run=str(run_dir), batch_size=4, dtype=exp.eval.dtype)  # loaded once for every measure
     composition = (model.model, model.tokenizer)
     for suite in part.suites:
         save_results(run_dir, suite, run_suite(run_dir, suite, limit=exp.eval.limit, with_base=False, model=model))
     if exp.eval.heldout_rows:
         save_heldout(run_dir / "eval", run_heldout(run_dir, rows=exp.eval.heldout_rows, composition=composition))
+    before_adding = not (exp.add_domain and part.run.endswith(f"+{exp.add_domain}"))
+    if exp.eval.mc_rows:
+        domains = [*exp.domains, GENERAL] if before_adding else [exp.add_domain]
+        save_mc(run_dir / "eval", run_mc(run_dir, rows=exp.eval.mc_rows, domains=domains, composition=composition))
     if Manifest.read(run_dir)["router"]:
         rows = exp.eval.routing_rows
         table, layers = routing_tables(run_dir, rows=rows, composition=composition)
         save_routing(run_dir, table, split="val", rows=rows, layers=layers)
-        before_adding = not (exp.add_domain and part.run.endswith(f"+{exp.add_domain}"))
         if exp.eval.specialisation_rows and before_adding and "experts" in method_class(part.method).stage_plan:
             save_specialisation(run_dir, specialisation_matrix(run_dir, rows=exp.eval.specialisation_rows,
                                                                composition=composition))
@@ -146,18 +150,23 @@ def do_base(part: Part, exp: ExperimentConfig, out: Path, config_file) -> dict:
     from ..config import PipelineConfig, load_config
     from ..evaluation.heldout import heldout_losses, save_heldout
     from ..evaluation.lm import ModulaLM
+    from ..evaluation.multiple_choice import GENERAL, MAX_LENGTH, mc_accuracy, save_mc
     from ..evaluation.run import evaluate_model, suite_tasks
     from ..fileio import atomic_write_json
     from .config import resolve
 
     config = load_config(PipelineConfig, resolve(config_file, exp.pipeline), exp.overrides)
     name = config.base_model
-    model, tasks = ModulaLM(base=name, data_dir=str(out / "data"), batch_size=4), suite_tasks()
+    model, tasks = ModulaLM(base=name, data_dir=str(out / "data"), batch_size=4, dtype=exp.eval.dtype), suite_tasks()
     suites = {suite: evaluate_model(model, tasks[suite], limit=exp.eval.limit)[0] for suite in part.suites}
     if exp.eval.heldout_rows:
         domains = [*exp.domains, *([exp.add_domain] if exp.add_domain else []), config.data.general_domain]
         save_heldout(out / part.run, heldout_losses(model.model, model.tokenizer, out / "data", domains,
                                                     rows=exp.eval.heldout_rows, max_length=config.data.max_length))
+    if exp.eval.mc_rows:
+        domains = [*exp.domains, *([exp.add_domain] if exp.add_domain else []), GENERAL]
+        save_mc(out / part.run, mc_accuracy(model.model, model.tokenizer, out / "data", domains, rows=exp.eval.mc_rows,
+                                            max_length=MAX_LENGTH))
     atomic_write_json(out / part.run / "results.json", {"base_model": name, "limit": exp.eval.limit,
                                                          "suites": suites})
     return {"base_model": name}

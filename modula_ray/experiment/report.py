@@ -23,6 +23,7 @@ from .collect import aggregate, gather, item_stderr, mean_std, optimizer_thread_
 from .curves import CURVES_PLOT, HELDOUT_PLOT, curves_plot, experiment_curves, heldout_plot
 from .figures import write_figures
 from .heldout_report import heldout_sections
+from .mc_report import mc_sections
 
 PAPER_ADD_FRACTION = {"modula_flan": 0.198, "modula_res": 0.373}
 SHORT = {"modula_humaneval": "humaneval"}
@@ -177,7 +178,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
              + f"parts' tasks: {', '.join(f'{k} {v / 60:.1f}' for k, v in sorted(kinds.items()))} task-minutes "
              "(concurrent).", ""]
     heldout_lines, heldout = heldout_sections(exp, out)
-    parts += heldout_lines
+    mc_lines, multiple_choice = mc_sections(exp, out)
+    parts += heldout_lines + mc_lines
     verdicts = []
     if exp.eval.suites:
         parts += _lm_eval_tables(exp, data, noise, trained, verdicts)
@@ -212,7 +214,8 @@ def write_experiment_report(exp, out: Path, records: dict, *, command: str = "")
                                              "tasks": tasks, "tasks_added": data["tasks_added"], "base": base,
                                              "base_added": data["base_added"], "rows": data["rows"],
                                              "costs": cost_numbers, "optimizer_share": optimizer,
-                                             "heldout": heldout, "curves": curves,
+                                             "heldout": heldout, "multiple_choice": multiple_choice,
+                                             "curves": curves,
                                              "verdicts": verdicts, "parts": records,
                                              "cost_quality": [{"label": label, "resource_s": cost, "avg_pct": avg}
                                                               for label, cost, avg in cost_quality]})

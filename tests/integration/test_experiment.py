@@ -105,6 +105,14 @@ def test_held_out_losses_item_by_item_their_intervals_the_specialisation_and_the
                                                 abs=1e-4)
         assert margin["low"] <= margin["value"] <= margin["high"]
     assert set(special["margin"]) == {"math", "code"} and "| margin [95% interval] |" in report
+    # eval.mc_rows 4: general MMLU before adding finance, finance after; the base model on both
+    assert set(json.loads((out / "base" / "mc.json").read_text())["domains"]) == {"finance", "general_mmlu"}
+    for name, domains in (("modula_res", {"general_mmlu"}), ("modula_res+finance", {"finance"})):
+        mc = json.loads((out / "seed0" / name / "eval" / "mc.json").read_text())["domains"]
+        assert set(mc) == domains and all(len(d["ids"]) == 4 for d in mc.values())
+    choice = json.loads((out / "results.json").read_text())["multiple_choice"]
+    assert choice["items"] == {"finance": 4, "general_mmlu": 4} and "Multiple-choice accuracy" in report
+    assert choice["vs_compare"]["calibrated_accuracy"]["modula_res +finance"]["finance"]["against"] == "molora +finance"
     curves = json.loads((out / "results.json").read_text())["curves"]
     assert {"universal/val_loss", "experts/val_loss", "router/val_loss"} <= set(curves["modula_res"]["0"])
     assert "joint/val_loss" in curves["molora"]["0"] and "joint/val_loss" in curves["molora +finance"]["0"]

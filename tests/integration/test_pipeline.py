@@ -187,18 +187,23 @@ def test_eval_measures_routing_on_domain_tokens_and_each_expert_alone(tiny_run):
     model, tokenizer = load_composition(run_dir)
     data_dir, head = Manifest.read(run_dir)["data"]["dir"], shared_head_length(tokenizer)
     split = lambda domain, name: read_split(split_file(data_dir, domain, name)).select(  # noqa: E731
-        ["prompt", "response"]).to_pylist()[:4]
+        ["prompt", "response", "source", "meta"]).to_pylist()[:4]
     for index, domain in enumerate(["math", "code"]):
         hits = tokens = sequences = 0
+        by_kind = {}
         with torch.no_grad(), captured_gates(model) as captured:
             for row in split(domain, "val"):
                 captured.clear()
                 model(torch.tensor([encode_example(tokenizer, row["prompt"], row["response"], 512).input_ids]))
                 gates = torch.stack([calls[-1][0] for calls in captured.values()]).mean(dim=0)[head:]
                 hits, tokens = hits + int((gates[:, index] > gates[:, 1 - index]).sum()), tokens + gates.shape[0]
-                sequences += int(gates.mean(dim=0)[index] > gates.mean(dim=0)[1 - index])
+                right = int(gates.mean(dim=0)[index] > gates.mean(dim=0)[1 - index])
+                sequences += right
+                by_kind.setdefault(json.loads(row["meta"])["generator"], []).append(right)  # reasoning-gym rows
         assert on_tokens[domain]["token_accuracy"] == pytest.approx(hits / tokens)
         assert on_tokens[domain]["sequence_accuracy"] == pytest.approx(sequences / 4)
+        assert on_tokens[domain]["by_kind"] == {kind: {"rows": len(v), "sequence_accuracy": pytest.approx(sum(v) / len(v))}
+                                                for kind, v in by_kind.items()}
         held_out = split(domain, "test")
         assert special["mixture"][domain] == pytest.approx(response_nll_per_byte(model, tokenizer, held_out, 512),
                                                            rel=1e-5)

@@ -74,6 +74,7 @@ def test_the_shipped_files_load_the_paper_experiment_powered_and_the_tour_small(
     paper, tour = load_experiment(PAPER), load_experiment(TOUR)
     assert paper.methods == ["lora", "molora", "modula_flan", "modula_res", "mode"] and len(paper.seeds) >= 2
     assert paper.eval.heldout_rows >= 128 and paper.eval.specialisation_rows and paper.eval.suites == []
+    assert paper.eval.mc_rows >= 200
     assert "data.size=full" in paper.overrides and paper.steps_per_part > tour.steps_per_part
     assert tour.methods == ["molora", "modula_res"] and tour.tune is None and tour.seeds == [0]
     assert tour.steps_per_part == 5 and tour.eval.limit == 6 and tour.eval.suites == ["domain", "general"]
@@ -96,6 +97,8 @@ def test_the_shipped_files_load_the_paper_experiment_powered_and_the_tour_small(
     ("compare_to: mode\nmethods: [lora]\ntune: null", "compare_to"),
     ("extends: nowhere.yaml", "extends"),
     ("steps_per_part: 0", "steps_per_part"),
+    ("eval: {dtype: float16}", "eval.dtype"),
+    ("eval: {mc_rows: -1}", "eval.mc_rows"),
 ])
 def test_a_bad_experiment_file_names_the_field(tmp_path, text, field):
     path = tmp_path / "bad.yaml"
