@@ -29,7 +29,7 @@ from ..fileio import atomic_write_json
 RESULT_FILE = "mc.json"
 GENERAL = "general_mmlu"   # the general-capability items' name in mc.json (the data's general domain is not MMLU)
 LETTERS = "ABCD"
-MAX_LENGTH = 1024          # tokens of context: MMLU questions are long, and nothing here trains on them
+MAX_LENGTH = 1024          # tokens of context; the longest MMLU question here has 1,060 (its start is cut)
 
 
 def letter_tokens(tokenizer, prompt: str, choices: list[str], max_length: int) -> tuple[list[int], list[int]]:
@@ -39,7 +39,7 @@ def letter_tokens(tokenizer, prompt: str, choices: list[str], max_length: int) -
 
     context, firsts = None, []
     for letter, option in zip(LETTERS, choices):
-        example = encode_example(tokenizer, prompt, f"{letter}. {option}", 1 << 30)
+        example = encode_example(tokenizer, prompt, f"{letter}. {option}", 1 << 30)  # uncut; cut below
         start = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
         context = context or example.input_ids[:start]
         firsts.append(example.input_ids[start])

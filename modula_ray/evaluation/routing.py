@@ -109,9 +109,9 @@ def domain_token_routing(model, tokenizer, rows: list[dict], expert: int, max_le
 
 def row_kind(row: dict) -> str:
     """What produced a row: its generator (reasoning-gym), task (e-commerce) or subject (MMLU), else its source."""
-    import json
+    from .tasks import _meta
 
-    meta = json.loads(row["meta"]) if isinstance(row.get("meta"), str) else (row.get("meta") or {})
+    meta = _meta(row)
     return str(meta.get("generator") or meta.get("task") or meta.get("subject") or row["source"])
 
 
