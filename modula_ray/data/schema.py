@@ -40,6 +40,17 @@ def stable_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def row_meta(row: dict) -> dict:
+    """A row's ``meta`` as a dict (stored as a JSON string; rows built in memory may hold the dict)."""
+    return json.loads(row["meta"]) if isinstance(row.get("meta"), str) else (row.get("meta") or {})
+
+
+def row_kind(row: dict) -> str:
+    """What produced a row: its generator (reasoning-gym), task (e-commerce) or subject (MMLU), else its source."""
+    meta = row_meta(row)
+    return str(meta.get("generator") or meta.get("task") or meta.get("subject") or row.get("source", ""))
+
+
 def split_of(key: str, val_percent: int = 10, test_percent: int = 10) -> str:
     """Deterministic split from a hash of the normalised key: same key, same split, always."""
     bucket = int(stable_hash(normalise_prompt(key))[:8], 16) % 100

@@ -23,6 +23,7 @@ import torch
 
 from ..compose import RUN_CONFIG, Manifest, load_composition
 from ..config import PipelineConfig, load_config
+from ..data.schema import row_kind
 from ..fileio import atomic_write_json
 
 RESULT_FILE = "routing.json"
@@ -105,14 +106,6 @@ def domain_token_routing(model, tokenizer, rows: list[dict], expert: int, max_le
             "sequence_accuracy": sequences / max(len(rows), 1), "route_nll": nll / max(tokens, 1),
             "by_kind": {kind: {"rows": len(hit), "sequence_accuracy": sum(hit) / len(hit)}
                         for kind, hit in sorted(by_kind.items())}}
-
-
-def row_kind(row: dict) -> str:
-    """What produced a row: its generator (reasoning-gym), task (e-commerce) or subject (MMLU), else its source."""
-    from .tasks import _meta
-
-    meta = _meta(row)
-    return str(meta.get("generator") or meta.get("task") or meta.get("subject") or row["source"])
 
 
 def routing_tables(run_dir, *, split: str = "val", rows: int = 8, progress: bool = False, composition=None

@@ -18,9 +18,9 @@ Scoring, per task family:
 """
 from __future__ import annotations
 
-import json
 import re
 
+from ..data.schema import row_meta
 from ..errors import ConfigError
 
 LETTERS = "ABCD"
@@ -59,7 +59,7 @@ def load_domain_split(domain: str, split: str = "test", data_dir: str | None = N
 
     rows = read_split(split_file(resolve_data_dir(data_dir, run), domain, split)).to_pylist()
     if kind is not None:
-        rows = [r for r in rows if kind in (_meta(r).get("task"), _meta(r).get("generator"), r["source"].split("/")[0])]
+        rows = [r for r in rows if kind in (row_meta(r).get("task"), row_meta(r).get("generator"), r["source"].split("/")[0])]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
@@ -80,10 +80,6 @@ def load_general(split: str = "test", per_subject: int = GENERAL_PER_SUBJECT, **
     return datasets.DatasetDict({split: datasets.Dataset.from_list(picked)})
 
 
-def _meta(doc: dict) -> dict:
-    return json.loads(doc["meta"]) if isinstance(doc.get("meta"), str) else (doc.get("meta") or {})
-
-
 def extract_answer(text: str) -> str:
     """The first non-empty line, without ``<answer>`` tags or a leading "the answer is"."""
     tagged = re.search(r"<answer>(.*?)</answer>", text, flags=re.S)
@@ -95,7 +91,7 @@ def extract_answer(text: str) -> str:
 def score_reasoning_gym(doc: dict, results: list[str]) -> dict:
     import reasoning_gym
 
-    meta, answer = _meta(doc), extract_answer(results[0])
+    meta, answer = row_meta(doc), extract_answer(results[0])
     entry = {"question": doc["prompt"], "answer": doc["answer"], "metadata": meta.get("metadata", {})}
     try:
         score = float(reasoning_gym.get_score_answer_fn(meta["generator"])(answer=answer, entry=entry))
@@ -115,7 +111,7 @@ def mc_target(doc: dict) -> int:
 
 def score_category(doc: dict, results: list[str]) -> dict:
     """``aisle / department`` against the catalogue's labels: each part, and both."""
-    meta = _meta(doc)
+    meta = row_meta(doc)
     parts = [p.strip().lower() for p in extract_answer(results[0]).split("/")]
     aisle, department = (parts + ["", ""])[:2]
     aisle_ok, department_ok = aisle == meta["aisle"].lower(), department == meta["department"].lower()
@@ -134,7 +130,7 @@ HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\nif __name__", "\nprint(", "\n```")
 def humaneval_program(doc: dict, completion: str) -> str:
     """The function's prompt, the completion (its body; or a whole definition, which then wins),
     the problem's tests and the call ``check(entry_point)``."""
-    meta = _meta(doc)
+    meta = row_meta(doc)
     fenced = re.search(r"```(?:python)?\n(.*?)(```|$)", completion, flags=re.S)
     body = fenced.group(1) if fenced else completion
     for stop in HUMANEVAL_STOPS:

@@ -7,8 +7,11 @@ regression can be solved up front, on inputs captured once, by full-batch L-BFGS
 
     W_r = argmin_W  mean_t CE((W x_t + b) / tau, label_t) + L2 * mean_t(|x_t|)^2 * |W|^2
 
-over ``TOKENS_PER_ROW`` labelled tokens (prompt body and response: ``route_labels``) of the first
-``rows`` training rows of each label, from the routers' current weights. The router stage then
+over ``TOKENS_PER_ROW`` labelled tokens (prompt body and response: ``route_labels``) of ``rows``
+training rows per routed domain, from the routers' current weights. ``rows_to_fit`` takes a
+domain's rows from each kind of row in turn (its generator, task or subject: ``row_kind``), so a
+domain made of several generators is fitted on all of them: code's first 12 rows by id are all
+``bf``, and with 8 of them its ``codeio`` rows went to the math expert (docs/RESULTS.md). The router stage then
 trains as configured (with or without ``route_loss_coef``). Each rank fits on its own rows; DDP
 and DeepSpeed broadcast rank 0's weights when they wrap the model. Measured in docs/RESULTS.md.
 """
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX, collate
+from ..data.schema import row_kind
 from .inject import expert_layers, routers
 
 TOKENS_PER_ROW = 32   # labelled tokens drawn from each row (its later tokens add little)
@@ -50,14 +54,19 @@ def router_inputs(model: torch.nn.Module):
             hook.remove()
 
 
-def first_rows_per_label(examples: list, rows: int) -> list:
-    """The first ``rows`` examples of each route label (an example's label: its first labelled token's)."""
-    picked, count = [], {}
-    for example in examples:
-        label = next((t for t in example.route_labels or [] if t != IGNORE_INDEX), None)
-        if label is not None and count.get(label, 0) < rows:
-            count[label] = count.get(label, 0) + 1
-            picked.append(example)
+def rows_to_fit(rows: list[dict], per_domain: int, domains) -> list[dict]:
+    """Up to ``per_domain`` rows of each of ``domains``: the first row of every kind, then the
+    second of every kind, and so on (kinds in their order in ``rows``, rows in theirs)."""
+    picked = []
+    for domain in domains:
+        kinds: dict[str, list[dict]] = {}
+        for row in rows:
+            if row["domain"] == domain:
+                kinds.setdefault(row_kind(row), []).append(row)
+        in_turn = []
+        for depth in range(max(map(len, kinds.values()), default=0)):
+            in_turn += [queue[depth] for queue in kinds.values() if depth < len(queue)]
+        picked += in_turn[:per_domain]
     return picked
 
 
@@ -138,14 +147,14 @@ def describe(fit: dict) -> str:
             f"route nll {fit['route_nll_before']:.3f} -> {fit['route_nll_after']:.3f}")
 
 
-def fit_routers(model, examples: list, rows: int, seed: int) -> dict:
-    """Fit every router of ``model`` on the first ``rows`` examples of each label (module docstring).
-    Returns what the ledger keeps: rows, tokens fitted on, input tokens (forwards), seconds, and the
-    mean route nll over the routers before and after (on those tokens)."""
+def fit_routers(model, examples: list, seed: int) -> dict:
+    """Fit every router of ``model`` on ``examples`` (``rows_to_fit``'s rows, encoded with their
+    route labels; module docstring). Returns what the ledger keeps: rows, tokens fitted on, input
+    tokens (forwards), seconds, and the mean route nll over the routers before and after (on those tokens)."""
     started, paths = time.perf_counter(), routers(model)
     if not paths:
         raise ValueError("route_init_rows is set for a stage that trains no router")
-    picked = first_rows_per_label(examples, rows)
+    picked = [e for e in examples if any(t != IGNORE_INDEX for t in e.route_labels or [])]
     if not picked:
         raise ValueError("route_init_rows is set but no training row has a routing label "
                          "(the stage's data domains have no expert of their own)")

@@ -34,7 +34,7 @@ from ..compose import build_model
 from ..data.formatting import EncodeStats, collate, encode_rows, pack
 from ..experts import forward_parameter_count, method_class, save_part, trainable_parameters
 from ..experts.inject import forced_expert
-from ..experts.router_fit import describe as describe_fit, fit_routers
+from ..experts.router_fit import describe as describe_fit, fit_routers, rows_to_fit
 from ..experts.serialization import part_tensors, tensors_sha256
 from ..hooks import hook, imported
 from . import checkpointing, together
@@ -153,7 +153,8 @@ def setup(task: StageTask, rows: list[dict], *, rank: int = 0, world: int = 1,
                          f"max_length={task.max_length}: {stats.summary()}; raise data.max_length")
     route_init = None
     if not grouped and hp.get("route_init_rows"):  # the routers fitted to the domain labels first
-        route_init = fit_routers(model, examples, hp["route_init_rows"], task.seed)
+        fitted, _ = encode_rows(rows_to_fit(rows, hp["route_init_rows"], routes), tokenizer, task.max_length, routes)
+        route_init = fit_routers(model, fitted, task.seed)
         if rank == 0:
             print(f"[{task.key}] {describe_fit(route_init)}", flush=True)
     if not grouped:
@@ -337,7 +338,7 @@ def _read_rows(shard) -> list[dict]:
     """Every row of the split, sorted by id so Ray's delivery order cannot change the data order."""
     rows = []
     for batch in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
-        rows.extend(batch.select(["id", "domain", "prompt", "response"]).to_pylist())
+        rows.extend(batch.select(["id", "domain", "source", "prompt", "response", "meta"]).to_pylist())
     return sorted(rows, key=lambda row: row["id"])
 
 

@@ -13,7 +13,7 @@ from modula_ray.errors import ConfigError
 from modula_ray.experts import inject, method_class, set_stage
 from modula_ray.experts.inject import routers
 from modula_ray.experts.router import Router
-from modula_ray.experts.router_fit import L2, capture, fit_router, fit_routers, router_inputs
+from modula_ray.experts.router_fit import L2, capture, fit_router, fit_routers, router_inputs, rows_to_fit
 from modula_ray.models import tiny_model
 from tests.helpers import randomise_experts
 from tests.unit.test_routing_loss import ROWS, token_accuracy
@@ -74,7 +74,7 @@ def test_fitted_routers_route_the_rows_before_any_step():
     labels = method_class("modula_res").route_labels(DOMAINS, DOMAINS)
     encoded, _ = encode_rows(ROWS, tokenizer, 512, labels)
     twin = copy.deepcopy(model)
-    fit = fit_routers(model, encoded, rows=6, seed=0)
+    fit = fit_routers(model, encoded, seed=0)
     assert fit["rows"] == 12 and 12 <= fit["tokens"] <= 12 * 32
     assert fit["input_tokens"] == sum(len(e.input_ids) for e in encoded)
     assert fit["route_nll_before"] == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)
@@ -94,12 +94,27 @@ def test_route_init_rows_says_what_it_needs():
     model, tokenizer = routed()
     unlabelled, _ = encode_rows(ROWS, tokenizer, 512)
     with pytest.raises(ValueError, match="no training row has a routing label"):
-        fit_routers(model, unlabelled, rows=2, seed=0)
+        fit_routers(model, unlabelled, seed=0)
     set_stage(model, "universal")
     labelled, _ = encode_rows(ROWS, tokenizer, 512, {"math": 0, "code": 1})
     with pytest.raises(ValueError, match="trains no router"):
-        fit_routers(model, labelled, rows=2, seed=0)
+        fit_routers(model, labelled, seed=0)
     with pytest.raises(ConfigError, match="route_init_rows"):
         StageConfig(route_init_rows=-1)
     captured, labels = capture(routed()[0], labelled[:2], seed=0)
     assert all(x.shape == (len(labels), x.shape[-1]) for x in captured.values())
+
+
+def test_rows_to_fit_takes_every_kind_of_row_in_turn():
+    def row(domain, i, generator=None):
+        meta = '{"generator": "%s"}' % generator if generator else "{}"
+        return {"id": f"{domain}{i}", "domain": domain, "source": f"{domain}-source", "meta": meta}
+
+    code = [row("code", i, "bf") for i in range(12)] + [row("code", 12, "codeio"), row("code", 13, "codeio")]
+    math = [row("math", i) for i in range(3)]
+    rows = code[:5] + math + code[5:] + [row("general", 0)]
+    picked = rows_to_fit(rows, 4, ["code", "math"])
+    assert [r["id"] for r in picked] == ["code0", "code12", "code1", "code13", "math0", "math1", "math2"]
+    assert [r["id"] for r in rows_to_fit(rows, 1, ["code"])] == ["code0"]
+    assert rows_to_fit(rows, 3, ["finance"]) == []  # a domain with no rows gives none
+    assert [r["id"] for r in rows_to_fit(code[:3], 2, ["code"])] == ["code0", "code1"]  # one kind: rows in order
