@@ -7,13 +7,14 @@ regression can be solved up front, on inputs captured once, by full-batch L-BFGS
 
     W_r = argmin_W  mean_t CE((W x_t + b) / tau, label_t) + L2 * mean_t(|x_t|)^2 * |W|^2
 
-over ``TOKENS_PER_ROW`` labelled tokens (prompt body and response: ``route_labels``) of ``rows``
-training rows per routed domain, from the routers' current weights. ``rows_to_fit`` takes a
-domain's rows from each kind of row in turn (its generator, task or subject: ``row_kind``), so a
-domain made of several generators is fitted on all of them: code's first 12 rows by id are all
-``bf``, and with 8 of them its ``codeio`` rows went to the math expert (docs/RESULTS.md). The router stage then
-trains as configured (with or without ``route_loss_coef``). Each rank fits on its own rows; DDP
-and DeepSpeed broadcast rank 0's weights when they wrap the model. Measured in docs/RESULTS.md.
+over ``TOKENS_PER_ROW`` labelled tokens (prompt body and response: ``route_labels``) of
+``route_init_rows`` training rows per routed domain, from the routers' current weights.
+``rows_to_fit`` takes a domain's rows from each kind of row in turn (its generator, task or
+subject: ``row_kind``), so a domain made of several generators is fitted on all of them: code's
+first 12 rows by id are all ``bf``, and fitted on 8 of them, its ``codeio`` rows went to the math
+expert (docs/RESULTS.md). The router stage then trains as configured (with or without
+``route_loss_coef``). Each rank fits on its own rows; DDP and DeepSpeed broadcast rank 0's
+weights when they wrap the model. Measured in docs/RESULTS.md.
 """
 from __future__ import annotations
 
