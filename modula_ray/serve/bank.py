@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts.serving import ServingLinear
+from .union import Union, unites
 
 
 def bank_key(model) -> int | None:
@@ -37,8 +38,7 @@ def bank_key(model) -> int | None:
     if spec is not None:
         from ..experts import expert_layers
 
-        if expert_layers(model) or any(
-                getattr(m, "folded", False) for m in model.modules() if isinstance(m, ServingLinear)):
+        if expert_layers(model) or any(getattr(m, "folded", False) for m in model.modules()):
             return None
     return id(model.get_input_embeddings().weight)
 
@@ -50,6 +50,7 @@ class BankLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.bank, self.path = weight, bias, [bank], path
         self._cache: tuple = (None, None, None)
+        self._union: tuple = (None, None)
 
     def _joined(self, members: tuple):
         """(each member's layer or None, with its first column), the members' reads side by side."""
@@ -62,11 +63,24 @@ class BankLinear(nn.Module):
             self._cache = (members, list(zip(layers, offsets)), torch.cat(reads, dim=1) if reads else None)
         return self._cache[1:]
 
+    def _united(self, members: tuple) -> Union | None:
+        """The members' ``Union`` at this projection (None if one of them cannot join one)."""
+        if self._union[0] != members:
+            layers = [self.bank[0].adapters[m].get(self.path) for m in members]
+            self._union = (members, Union(layers) if all(map(unites, layers)) and any(layers) else None)
+        return self._union[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         y = F.linear(flat, self.weight, self.bias)
         bank = self.bank[0]
         if bank.segments:
+            union = self._united(bank.present) if x.shape[-2] == 1 and bank.mixed else None
+            if union is not None:   # decode of several members' rows (or with the base's between): one pass
+                logits, gates = union.add_to(y, flat, *bank.masks(union))
+                if bank.rows_of is not None:
+                    union.record(logits, gates, bank.rows_of)
+                return y.view(*x.shape[:-1], y.shape[-1])
             layers, read = self._joined(bank.members)
             if read is not None:
                 grouped = flat if bank.order is None else flat.index_select(0, bank.order)
@@ -96,6 +110,12 @@ class Bank:
         self.segments: list = []          # per member: (rows, first token, end token) in the grouped order
         self.order: torch.Tensor | None = None
         self.local: dict[int, int] = {}   # row -> its index among its member's rows (routing records)
+        self.mixed = False                # a decode step runs a ``Union``: rows of several members, or not grouped
+        self.present: tuple = ()          # ``members`` in the order they joined: a ``Union`` lasts while they run
+        self.member_of_row: list[int] = []  # per row: its member's index in ``present`` (-1: the base alone)
+        self.rows_of: list | None = None  # per ``present`` member: its rows, in local order (routing records)
+        self._masks: dict = {}            # per ``Union.signature``: its masks for this step
+        self.unite = True                 # False: every decode step runs each member on its own rows (A/B)
         self.layers: dict[str, BankLinear] = {}
         for path, module in list(skeleton.named_modules()):
             if isinstance(module, (ServingLinear, nn.Linear)) and path and path != "lm_head" and \
@@ -125,24 +145,38 @@ class Bank:
         first = {m: i for i, m in reversed(list(enumerate(members))) if m in self.adapters}
         return sorted(range(len(members)), key=lambda i: first.get(members[i], len(members)))
 
-    def route(self, members: list, tokens: int) -> None:
+    def route(self, members: list, tokens: int, record: bool = True) -> None:
         """The next forward's rows: ``members[i]`` (a member's model, or one that adapts nothing: the base
         alone) for row ``i``, ``tokens`` each. The rows with adapters are taken grouped by member
         (``order``: their token indices, None when they already are), each member's a contiguous
-        ``segment`` through which its adapter runs on its own rows alone. ``group`` orders new rows so."""
+        ``segment`` through which its adapter runs on its own rows alone. ``group`` orders new rows so.
+        A decode step of several members, or with rows of the base between, runs a ``Union`` instead, in
+        slot order; ``record``: its routers keep their gates (a row asked for its routing)."""
         groups: dict = {}
         for i, member in enumerate(members):
             if member in self.adapters:
                 groups.setdefault(member, []).append(i)
         self.segments, self.local, rows, start = [], {}, [], 0
         self.members = tuple(groups)
+        self.present = tuple(member for member in self.adapters if member in groups)
+        index_of = {member: k for k, member in enumerate(self.present)}
+        self.member_of_row = [index_of.get(member, -1) for member in members]
+        self._masks = {}
         for member, indices in groups.items():
             self.segments.append((len(indices), start * tokens, (start + len(indices)) * tokens))
             self.local.update({i: k for k, i in enumerate(indices)})
             rows += indices
             start += len(indices)
+        self.rows_of = [torch.tensor(groups[member]) for member in self.present] if record else None
         if rows == list(range(len(rows))):   # already grouped, adapted rows first: slices, no gather
             self.order = None
         else:
             index = torch.tensor(rows)
             self.order = (index[:, None] * tokens + torch.arange(tokens)).reshape(-1)
+        self.mixed = self.unite and (len(self.segments) > 1 or self.order is not None)
+
+    def masks(self, union: Union) -> tuple[torch.Tensor, torch.Tensor]:
+        """``union.masks`` for this step's rows, made once per step for every projection alike."""
+        if union.signature not in self._masks:
+            self._masks[union.signature] = union.masks(self.member_of_row)
+        return self._masks[union.signature]

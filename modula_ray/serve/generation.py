@@ -273,7 +273,8 @@ class Decoder:
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
                  ) -> torch.Tensor:
         if self.bank is not None:
-            self.bank.route([row.member for row in rows], ids.shape[1])
+            self.bank.route([row.member for row in rows], ids.shape[1],
+                            record=any(row.request.routing and row.routers for row in rows))
         return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                              use_cache=True).last_hidden_state
 

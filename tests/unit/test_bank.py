@@ -60,3 +60,62 @@ def test_what_cannot_share_the_base_forward_keeps_a_forward_of_its_own(served):
         other = tiny_model(seed=1)[0]
         inject(other, "lora", ["all"], universal_rank=4)
         Bank(base).join(serving_form(other.eval()))
+
+
+def _decode_once(bank, owners, tokens, *, united: bool, record: bool = True):
+    """The bank model's hidden states for one token per row of ``owners`` (no cache), through a
+    ``Union`` per projection or (``united=False``) each member on its own rows."""
+    import torch
+
+    bank.route(owners, 1, record=record)
+    bank.mixed = united and bank.mixed
+    with torch.no_grad():
+        return bank.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
+
+
+def test_a_decode_step_of_mixed_rows_in_one_union_equals_each_member_on_its_own_rows(served):
+    import torch
+
+    from modula_ray.serve.union import Union
+
+    base, tokenizer, models = served
+    with torch.no_grad():  # a router bias and temperature, folded into the union's read and mask
+        router = next(m for m in models[0].modules() if type(m).__name__ == "Router")
+        router.bias = torch.nn.Parameter(torch.randn(router.n_routed) * 0.5)
+        router.temperature = 0.7
+    bank = Bank(base)
+    for model in models:
+        bank.join(model)
+    owners = [models[1], base, models[0], models[2], models[0], base, models[1]]
+    tokens = torch.randint(5, 200, (len(owners), 1), generator=torch.Generator().manual_seed(0))
+    per_member = _decode_once(bank, owners, tokens, united=False)
+    gates_alone = [r._last[1].clone() for r in models[0].modula_serving_routers[:2]]
+    united = _decode_once(bank, owners, tokens, united=True)
+    layer = next(iter(bank.layers.values()))
+    assert isinstance(layer._united(bank.present), Union)  # the step did run the union
+    torch.testing.assert_close(united, per_member, rtol=1e-5, atol=1e-5)
+    plain = base.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
+    torch.testing.assert_close(united[[1, 5]], plain[[1, 5]], rtol=1e-6, atol=1e-6)  # the base rows: nothing added
+    for router, before in zip(models[0].modula_serving_routers[:2], gates_alone):  # its own rows' gates, recorded
+        torch.testing.assert_close(router._last[1], before, rtol=1e-5, atol=1e-6)
+        assert router._last[1].shape == (2, 1, router.n_routed)
+
+
+def test_a_top_k_router_keeps_the_members_on_their_own_rows():
+    import torch
+
+    from modula_ray.serve.union import unites
+
+    base, _, models = compositions_over_one_base()
+    for router in models[0].modula_serving_routers:
+        router.top_k = 1
+    layer = next(m for m in models[0].modules() if getattr(m, "router", None) is not None)
+    assert not unites(layer) and unites(None)
+    bank = Bank(base)
+    for model in models:
+        bank.join(model)
+    owners = [models[0], models[1], base, models[0]]
+    tokens = torch.randint(5, 200, (len(owners), 1), generator=torch.Generator().manual_seed(1))
+    per_member = _decode_once(bank, owners, tokens, united=False)
+    torch.testing.assert_close(_decode_once(bank, owners, tokens, united=True), per_member, rtol=0, atol=0)
+    assert all(layer._united(bank.present) is None for layer in bank.layers.values() if layer._union[0])
