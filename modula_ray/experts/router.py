@@ -53,7 +53,7 @@ class Router(nn.Module):
         logits = logits if self.temperature == 1 else logits / self.temperature
         probs = logits.softmax(dim=-1)
         chosen = None  # dense: top-1 for the load balance, found when it is read
-        if (self.top_k or self.n_routed) < self.n_routed:
+        if self.top_k and self.top_k < self.n_routed:
             chosen = logits.topk(self.top_k, dim=-1).indices
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
             gates = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
@@ -64,8 +64,9 @@ class Router(nn.Module):
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, logits: torch.Tensor) -> None:
         self._last, self._stats = (probs, gates, chosen, logits), {}
-        for watcher in self._watchers.values():
-            watcher(gates.detach())
+        if self._watchers:
+            for watcher in self._watchers.values():
+                watcher(gates.detach())
 
     def watch(self, fn) -> RemovableHandle:
         """Call ``fn(gates)`` with the (detached) gates of every routing, however they were computed:

@@ -11,7 +11,8 @@ Per projection, with ``g`` the layer's own ``Router`` (routing reports still rea
     [u, z, s] = x [P_u; P_z; W_R]^T         one matmul: ungated ranks, gated ranks, router scores
     c = [u, act(z) * router(s)[columns]]    each gated rank times its expert's gate (res: z [N, n, r]
                                             times the gates); the experts' scales are folded into U
-    y = W x + b + c U^T                     W is W0, or W0 + s* B* A* folded (``fold``)
+    y = W x + b + c U^T                     W is W0, or W0 + s* B* A* folded (``fold``); a folded W is
+                                            the layer's own, so [W; P_u; P_z; W_R] is one matmul
 
 ========== ============================== ========= ================ =================================
 method     P_u ; P_z                      act       U                ``fold``
@@ -53,21 +54,36 @@ class ServingLinear(nn.Module):
         self.read, self.widths, self.router, self.up = read, [*widths, 0 if router is None else router.n_routed], \
             router, up
         self.columns, self.slope = columns, slope        # columns[j]: the routed expert of gated rank j
+        self.fused = self.fused_bias = None
+        if folded and read is not None:                  # W is this layer's own: [W; read^T] is one matmul,
+            out = weight.shape[0]                        # with W and read views of it (no copy kept)
+            self.fused = torch.cat([weight, read.T]).contiguous()
+            self.weight, self.read = self.fused[:out], self.fused[out:].T
+            self.fused_bias = None if bias is None else torch.cat([bias, bias.new_zeros(read.shape[1])])
 
     def code(self, read: torch.Tensor, lead: tuple) -> torch.Tensor:
         """``c [N, R]`` from this layer's columns of ``x @ read`` (``lead``: x's leading shape, for the
-        router's records); the experts' scales are in ``up``."""
-        u, z, scores = read.split(self.widths, dim=-1)
-        if self.router is not None:
-            gates = self.router.gate(scores.reshape(*lead, -1)).reshape(-1, self.router.n_routed)
-            if self.ranks is not None:
-                z = F.leaky_relu(z, self.slope).view(-1, *self.ranks).mul_(gates.unsqueeze(-1)).view(z.shape)
-            else:
-                z = (z if self.slope is None else F.leaky_relu(z, self.slope)) * gates.index_select(-1, self.columns)
-        return torch.cat([u, z], dim=-1) if u.shape[-1] and z.shape[-1] else (z if z.shape[-1] else u)
+        router's records); the experts' scales are in ``up``. Works in place on ``read`` (a fresh
+        product, used once) and returns a view of it: at decode every op counts."""
+        wu, wz, n = self.widths
+        if self.router is None:
+            return read
+        gates = self.router.gate(read[:, wu + wz:].view(*lead, n)).view(-1, n)
+        z = read[:, wu:wu + wz]
+        if self.slope is not None:
+            F.leaky_relu_(z, self.slope)
+        if self.ranks is not None:
+            z.view(-1, *self.ranks).mul_(gates.unsqueeze(-1))
+        else:
+            z.mul_(gates.index_select(-1, self.columns))
+        return read[:, :wu + wz]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        if self.fused is not None:  # folded: W x and the read from one matmul; y is a (strided) view
+            both = F.linear(flat, self.fused, self.fused_bias)
+            y, read = both.split([self.weight.shape[0], self.read.shape[1]], dim=-1)
+            return y.addmm_(self.code(read, x.shape[:-1]), self.up).view(*x.shape[:-1], y.shape[-1])
         y = F.linear(flat, self.weight, self.bias)
         if self.read is not None:
             y = y.addmm_(self.code(flat @ self.read, x.shape[:-1]), self.up)
