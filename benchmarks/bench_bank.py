@@ -15,7 +15,8 @@ run ``--repeats`` times in turn after one uncounted round:
 ``mixed_per_member``  the same rows, each member's adapter on its own rows (``Bank.unite = False``)
 
 Reports ms per decode step (median over rounds) and each configuration's ratio to ``base``
-(median of the rounds' ratios).
+(median of the rounds' ratios); ``held_mib``: the members' adapters in serving form, and what the
+bank caches from them after the rounds (``unions``: a copy of the running members' adapters).
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def decoders(runs: list[str], rows: int, prompt_tokens: int):
     prompts = [torch.randint(100, 20000, (prompt_tokens,), generator=generator).tolist() for _ in range(rows)]
     mixed = [models[i % len(models)] for i in range(rows)]
     return bank, base.tokenizer, {"base": [base.model] * rows, "mixed": mixed}, prompts
+
+
+def held_mib(bank) -> dict:
+    """MiB of the members' serving-form adapters, and of the unions the bank's projections cache from
+    them (a copy of the running members' adapters)."""
+    def mib(tensors) -> float:
+        return round(sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2 ** 20, 1)
+
+    adapters = [t for layers in bank.adapters.values() for layer in layers.values() for t in (layer.read, layer.up)]
+    unions = [u for layer in bank.layers.values() if (u := layer._union[1]) is not None]
+    return {"adapters": mib(adapters), "unions": mib(t for u in unions for t in (u.read, u.up))}
 
 
 def time_steps(bank, tokenizer, owners: list, prompts: list, steps: int, unite: bool) -> float:
@@ -105,6 +117,7 @@ def main(argv=None) -> int:
                     "torch": torch.__version__},
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip() or None,
+        "held_mib": held_mib(bank),
         "decode_step_ms": {name: round(statistics.median(v) * 1e3, 2) for name, v in samples.items()},
         "samples_ms": {name: [round(s * 1e3, 2) for s in v] for name, v in samples.items()},
         "ratio_to_base": {name: round(statistics.median(a / b for a, b in zip(v, samples["base"])), 3)

@@ -7,12 +7,14 @@ to the base model alone), each projection computes::
 
     y = W0 x + b;   y[rows of c] += code_c(x[rows of c]) U_c     for each composition c present
 
-``W0 x`` is one matmul over every row; then the rows are taken grouped by composition (one gather
-of x, one scatter back), and each composition's adapter (``ServingLinear.code``: its own routers
-and gates) runs on its own rows alone, so a step costs the adapters' FLOPs of its rows and no
-more. A row of the base model alone gets nothing added. The router still mixes
-every token of every row: this is S-LoRA's batching of adapters over one base, for token-level
-mixtures.
+``W0 x`` is one matmul over every row. A prefill (or a step of one composition's rows) then takes
+the rows grouped by composition (one gather of x, one scatter back), and each composition's adapter
+(``ServingLinear.code``: its own routers and gates) runs on its own rows alone, so it costs the
+adapters' FLOPs of its rows and no more. A decode step of several compositions' rows (or with the
+base's rows between) runs every member's adapter in one pass instead (``union.py``): a few ops per
+projection however many compositions it mixes, for the FLOPs of every member's ranks on every row.
+A row of the base model alone gets nothing added. The router still mixes every token of every
+row: this is S-LoRA's batching of adapters over one base, for token-level mixtures.
 
 A composition joins when every projection it adapts is a ``ServingLinear`` over the shared W0
 (not folded) and nothing else in its model differs from the base (so not ``mode``); others run in
@@ -49,19 +51,7 @@ class BankLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bank: "Bank", path: str):
         super().__init__()
         self.weight, self.bias, self.bank, self.path = weight, bias, [bank], path
-        self._cache: tuple = (None, None, None)
         self._union: tuple = (None, None)
-
-    def _joined(self, members: tuple):
-        """(each member's layer or None, with its first column), the members' reads side by side."""
-        if self._cache[0] != members:
-            layers = [self.bank[0].adapters[m].get(self.path) for m in members]
-            offsets = [0]
-            for layer in layers:
-                offsets.append(offsets[-1] + (layer.read.shape[1] if layer is not None else 0))
-            reads = [layer.read for layer in layers if layer is not None]
-            self._cache = (members, list(zip(layers, offsets)), torch.cat(reads, dim=1) if reads else None)
-        return self._cache[1:]
 
     def _united(self, members: tuple) -> Union | None:
         """The members' ``Union`` at this projection (None if one of them cannot join one)."""
@@ -81,17 +71,13 @@ class BankLinear(nn.Module):
                 if bank.rows_of is not None:
                     union.record(logits, gates, bank.rows_of)
                 return y.view(*x.shape[:-1], y.shape[-1])
-            layers, read = self._joined(bank.members)
-            if read is not None:
+            layers = [bank.adapters[member].get(self.path) for member in bank.members]
+            if any(layers):   # each member on its own rows (prefill, one member, or a top-k router)
                 grouped = flat if bank.order is None else flat.index_select(0, bank.order)
-                # decode: every member's read in one matmul over every row (a few ranks and router columns
-                # each: one op instead of one per member); prefill: each member reads its own rows (FLOPs)
-                scores = grouped @ read if x.shape[-2] == 1 else None
                 delta = y if bank.order is None else y.new_zeros(grouped.shape[0], y.shape[1])
-                for (layer, column), (rows, start, end) in zip(layers, bank.segments):
-                    if layer is not None:               # its rows: the up matmul costs its FLOPs only
-                        mine = (grouped[start:end] @ layer.read if scores is None
-                                else scores[start:end, column:column + layer.read.shape[1]])
+                for layer, (rows, start, end) in zip(layers, bank.segments):
+                    if layer is not None:               # its rows: its read and up cost its FLOPs only
+                        mine = grouped[start:end] @ layer.read
                         delta[start:end].addmm_(layer.code(mine, (rows, (end - start) // rows)), layer.up)
                 if bank.order is not None:
                     y.index_add_(0, bank.order, delta)

@@ -51,7 +51,8 @@ class Union:
                 blocks.append((key, layer.read[:, wu:wu + wz], layer.up[wu:wu + wz], ("router", k, expert)))
             if router is not None:
                 tau = float(router.temperature)
-                bias = router.bias.detach() / tau if router.bias is not None else torch.zeros(n, dtype=layer.read.dtype)
+                bias = (router.bias.detach().to(layer.read.dtype) / tau if router.bias is not None
+                        else torch.zeros(n, dtype=layer.read.dtype))
                 routers.append((layer.read[:, wu + wz:] / tau, bias))
                 self.ranges.append((width, width + n))
                 width += n

@@ -73,15 +73,20 @@ def _decode_once(bank, owners, tokens, *, united: bool, record: bool = True):
         return bank.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
 
 
-def test_a_decode_step_of_mixed_rows_in_one_union_equals_each_member_on_its_own_rows(served):
+def test_a_decode_step_of_mixed_rows_in_one_union_equals_each_member_on_its_own_rows():
+    """In float64, so that what is left is the algebra: the union adds exact zeros for other members."""
     import torch
 
     from modula_ray.serve.union import Union
 
-    base, tokenizer, models = served
+    torch.set_default_dtype(torch.float64)
+    try:
+        base, tokenizer, models = compositions_over_one_base()
+    finally:
+        torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # a router bias and temperature, folded into the union's read and mask
         router = next(m for m in models[0].modules() if type(m).__name__ == "Router")
-        router.bias = torch.nn.Parameter(torch.randn(router.n_routed) * 0.5)
+        router.bias = torch.nn.Parameter(torch.randn(router.n_routed, dtype=torch.float64) * 0.5)
         router.temperature = 0.7
     bank = Bank(base)
     for model in models:
@@ -93,11 +98,12 @@ def test_a_decode_step_of_mixed_rows_in_one_union_equals_each_member_on_its_own_
     united = _decode_once(bank, owners, tokens, united=True)
     layer = next(iter(bank.layers.values()))
     assert isinstance(layer._united(bank.present), Union)  # the step did run the union
-    torch.testing.assert_close(united, per_member, rtol=1e-5, atol=1e-5)
+    assert united.dtype == torch.float64 and united.abs().max() > 0.1
+    torch.testing.assert_close(united, per_member, rtol=1e-10, atol=1e-10)
     plain = base.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
-    torch.testing.assert_close(united[[1, 5]], plain[[1, 5]], rtol=1e-6, atol=1e-6)  # the base rows: nothing added
+    torch.testing.assert_close(united[[1, 5]], plain[[1, 5]], rtol=1e-12, atol=1e-12)  # the base rows: nothing added
     for router, before in zip(models[0].modula_serving_routers[:2], gates_alone):  # its own rows' gates, recorded
-        torch.testing.assert_close(router._last[1], before, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(router._last[1], before, rtol=1e-10, atol=1e-12)
         assert router._last[1].shape == (2, 1, router.n_routed)
 
 
