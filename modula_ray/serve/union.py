@@ -3,8 +3,8 @@
 At decode a step holds one token per row, and its rows belong to several compositions (and to the
 base model alone) in slot order. Running each member's adapter on its own rows costs a gather, a
 scatter and about a dozen small ops per member per projection, and on a CPU each small op costs
-10-25 us whatever its size. A ``Union`` lays the members' matrices of one projection side by side
-once, so a step runs the same few ops however many members it mixes::
+several microseconds of dispatch whatever its size. A ``Union`` lays the members' matrices of one
+projection side by side once, so a step runs the same few ops however many members it mixes::
 
     s = x [P_1 .. P_k | W_R,1/tau_1 .. W_R,k/tau_k | 0]^T   one matmul over every row
     g = softmax(s_R + b/tau + mask)     mask: 0 on the row's own member's router columns, -inf on the
@@ -44,7 +44,8 @@ class Union:
             wu, wz, n = layer.widths
             router = layer.router
             if wu:
-                blocks.append(((0, 0.0), layer.read[:, :wu], layer.up[:wu], ("member", k, torch.zeros(wu, dtype=torch.long))))
+                ungated = ("member", k, torch.zeros(wu, dtype=torch.long))
+                blocks.append(((0, 0.0), layer.read[:, :wu], layer.up[:wu], ungated))
             if wz:
                 expert = (torch.arange(wz) // layer.ranks[1] if layer.ranks is not None else layer.columns)
                 key = (2, 0.0) if layer.slope is None else (1, float(layer.slope))
@@ -97,7 +98,8 @@ class Union:
                 member[i, k] = 1.0
         return mask, member
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, member: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """``y += c U^T`` for rows ``x [rows, d_in]`` (one token each); returns ``(logits, gates)``."""
         s = x @ self.read
         logits = s[:, self.ranks:] + mask
