@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
-def decoders(runs: list[str], rows: int, prompt_tokens: int):
-    """``{configuration: (decoder, requests, owners)}`` over one bank of ``runs`` and their base."""
+def bank_of(runs: list[str], rows: int, prompt_tokens: int):
+    """``(bank, tokenizer, {"base" | "mixed": each row's model}, prompts)``: one bank over ``runs`` and
+    their base, loaded as a replica loads them."""
     import torch
 
     from modula_ray.compose import Manifest
     from modula_ray.serve.bank import Bank
-    from modula_ray.serve.generation import Decoder, GenerationRequest
     from modula_ray.serve.hotplug import load
 
     base = load(Manifest.read(runs[0]).check_base(), is_run=False)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from modula_ray.fileio import atomic_write_text
 
     torch.set_num_threads(args.threads)
-    bank, tokenizer, owners, prompts = decoders(args.runs, args.rows, args.prompt_tokens)
+    bank, tokenizer, owners, prompts = bank_of(args.runs, args.rows, args.prompt_tokens)
     configs = {"base": ("base", True), "mixed_union": ("mixed", True), "mixed_per_member": ("mixed", False)}
     samples: dict[str, list[float]] = {name: [] for name in configs}
     with torch.no_grad():
