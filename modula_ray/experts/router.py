@@ -42,6 +42,11 @@ class Router(nn.Module):
     def n_routed(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def dense(self) -> bool:
+        """Every routed expert gets a gate (no top-k below ``n_routed``)."""
+        return not self.top_k or self.top_k >= self.n_routed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d_in]`` -> gates ``[..., n_routed]`` summing to 1 over the last axis."""
         return self.gate(x @ self.weight.T)
@@ -53,7 +58,7 @@ class Router(nn.Module):
         logits = logits if self.temperature == 1 else logits / self.temperature
         probs = logits.softmax(dim=-1)
         chosen = None  # dense: top-1 for the load balance, found when it is read
-        if self.top_k and self.top_k < self.n_routed:
+        if not self.dense:
             chosen = logits.topk(self.top_k, dim=-1).indices
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
             gates = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)

@@ -126,4 +126,4 @@ class Union:
 def unites(layer) -> bool:
     """Whether ``layer`` (a member's ``ServingLinear``, or None) can decode in a ``Union``: dense routers only."""
     router = None if layer is None else layer.router
-    return router is None or (router.top_k or router.n_routed) >= router.n_routed
+    return router is None or router.dense
