@@ -320,8 +320,9 @@ def test_add_domain_swaps_the_run_in_whole_and_a_failed_one_leaves_it_as_it_was(
 
     seen, wrong, stop = [], [], threading.Event()
 
-    def read():
-        while not stop.is_set():
+    def read():  # until a read that began after add_domain returned: that one must see the new run
+        while True:
+            last = stop.is_set()
             try:
                 manifest = Manifest.read(run_dir)
                 routed = method_class(manifest["method"]).routed_names(list(manifest["domains"]))
@@ -330,6 +331,8 @@ def test_add_domain_swaps_the_run_in_whole_and_a_failed_one_leaves_it_as_it_was(
                 seen.append(list(manifest["domains"]))
             except (ArtifactError, OSError) as error:
                 wrong.append(repr(error))
+            if last:
+                return
 
     reader = threading.Thread(target=read)
     reader.start()
